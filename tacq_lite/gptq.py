@@ -1,0 +1,208 @@
+"""GPTQ: one-shot weight quantization with second-order error compensation, plus TaCQ's mask.
+
+GPTQ (Frantar et al., 2022, arXiv 2210.17323) quantizes a linear layer column by column and
+pushes each column's rounding error onto the columns not yet quantized, so that the layer
+output x Wᵀ changes as little as possible. The objective is ‖x Wᵀ − x Ŵᵀ‖² with the Hessian
+H = 2/n Σ x xᵀ; the update uses the upper Cholesky factor of H⁻¹ (Alg. 1) and is applied
+lazily, one block of `blocksize` columns at a time (Sec. 3, "lazy batch-updates").
+
+Task-Circuit Quantization (TaCQ, Xiao et al., 2025, arXiv 2504.07389, Sec. 3.3) keeps a few
+salient weights in 16-bit. `mask` [rows, cols] marks them (True = keep). Here a kept weight
+  * is left out of the scale/zero fit (quant.fill_masked), so an outlier cannot stretch the grid;
+  * comes back exactly: W_hat == W at every kept position, bit for bit;
+  * emits no error: its column's error is 0 in that row, so nothing is pushed forward from it.
+Updates that other columns push onto a kept weight are discarded, because the weight is
+restored to its original value. This equals the authors' "restore at the end" and also
+"never update kept weights": a kept weight's error is 0 either way, so the values it holds
+meanwhile never reach any other weight.
+
+Dead input columns (H[i, i] == 0: the input is always 0 there) get H[i, i] = 1. Their
+row and column of H are zero, so they are decoupled: they are rounded to nearest, emit
+no error and add nothing to `loss`. The reference code zeroes such weights instead; rounding
+keeps them useful on inputs the calibration set never switched on, and an all-zero Hessian
+then gives plain round-to-nearest.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from tacq_lite import quant
+
+CHOLESKY_TRIES = 5  # each retry multiplies the damping by 10
+
+
+class GPTQResult(NamedTuple):
+    W_hat: torch.Tensor  # [rows, cols] float32, dequantized; == W at mask positions
+    codes: torch.Tensor  # [rows, cols] uint8; at mask positions: the grid's code of the working value, unused
+    scale: torch.Tensor  # [rows, n_groups] float32
+    zero: torch.Tensor  # [rows, n_groups] float32 holding integers
+    loss: float  # Σ (w − q)² / (2 d²) over quantized entries: GPTQ's estimate of the layer error
+    Hinv_diag: torch.Tensor  # [cols] float32, diag of (H + damp·I)⁻¹ in the original column order
+    damp: float  # damping actually added to diag(H)
+
+
+def inverse_hessian(H: torch.Tensor, *, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Damped inverse of H and its upper Cholesky factor: (Hinv, Hinv_chol, damp).
+
+    damp = percdamp · mean(diag H) (GPTQ Sec. 3, "Cholesky reformulation"). A Hessian from
+    few samples can still be numerically indefinite, so a failed factorization is retried
+    with 10× the damping, up to CHOLESKY_TRIES times.
+    """
+    if percdamp <= 0:
+        raise ValueError(f"percdamp={percdamp!r} must be > 0 (GPTQ uses 0.01).")
+    cols = H.shape[0]
+    eye = torch.eye(cols, dtype=H.dtype, device=H.device)  # [cols, cols]
+    damp = percdamp * torch.diag(H).mean().item()
+    for _ in range(CHOLESKY_TRIES):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)  # [cols, cols] lower
+        if info.item() == 0:
+            # H⁻¹ = L⁻ᵀ L⁻¹; cholesky_solve does what cholesky_inverse does, ~30× faster on CPU torch.
+            Hinv = torch.cholesky_solve(eye, L)  # [cols, cols]
+            Hinv_chol, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [cols, cols] upper
+            if info.item() == 0 and torch.isfinite(Hinv_chol).all():
+                return Hinv, Hinv_chol, damp
+        damp *= 10
+    raise RuntimeError(
+        f"Cholesky of the damped Hessian failed {CHOLESKY_TRIES} times (last damp={damp / 10:.3g}). "
+        "The calibration inputs are probably non-finite or far too few; check them, add samples, "
+        "or raise percdamp."
+    )
+
+
+class GPTQ:
+    """Per-layer GPTQ state: the weight W [rows, cols] and the Hessian H [cols, cols]."""
+
+    def __init__(self, layer: torch.nn.Module | torch.Tensor):
+        weight = layer if isinstance(layer, torch.Tensor) else getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"GPTQ needs a weight tensor or a layer with .weight, got {type(layer).__name__}.")
+        quant.check_weight(weight, "weight")
+        self.weight = weight  # read (never written) by quantize
+        self.rows, self.cols = weight.shape
+        self.H = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=weight.device)  # [cols, cols]
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate H = 2/n Σ x xᵀ over the layer inputs x [..., cols], as a running mean."""
+        if x.shape[-1] != self.cols:
+            raise ValueError(
+                f"x has last dimension {x.shape[-1]} but the layer has {self.cols} input columns; "
+                "pass the layer's input, not its output."
+            )
+        x = x.detach().reshape(-1, self.cols).to(self.H.device, torch.float32)  # [n, cols]
+        if not torch.isfinite(x).all():
+            raise ValueError("x holds NaN/Inf values; the calibration forward pass is broken.")
+        n = x.shape[0]
+        if n == 0:
+            return
+        # Rescale the old mean so every sample ends with weight 2/n_total (reference GPTQ).
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = math.sqrt(2 / self.nsamples) * x  # [n, cols]
+        self.H += x.T @ x  # [cols, cols]
+
+    def quantize(
+        self,
+        *,
+        bits: int,
+        groupsize: int = -1,
+        sym: bool = False,
+        mse: bool = True,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        actorder: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> GPTQResult:
+        """Quantize W with GPTQ; the layer is not modified. See the module docstring for `mask`."""
+        quant.check_bits(bits)
+        if not isinstance(blocksize, int) or blocksize <= 0:
+            raise ValueError(f"blocksize={blocksize!r} must be a positive int (GPTQ uses 128).")
+        if self.nsamples == 0:
+            raise RuntimeError("No calibration data: call add_batch(x) with the layer's inputs before quantize().")
+        W0 = self.weight.detach().to(torch.float32)  # [rows, cols] original, never written
+        rows, cols = W0.shape
+        gs = quant.check_groupsize(groupsize, cols)
+        grouped = gs < cols
+        quant.check_mask(mask, W0)
+        maxq = 2**bits - 1
+
+        H = self.H.clone()  # [cols, cols]
+        dead = torch.diag(H) == 0  # [cols]
+        H[dead, dead] = 1  # decouples dead columns: their off-diagonal entries are 0
+        free = torch.ones_like(W0, dtype=torch.bool) if mask is None else ~mask  # [rows, cols] quantized entries
+        free = free & ~dead  # dead columns cannot change the output: no error to compensate
+
+        perm = torch.arange(cols, device=W0.device)
+        if actorder:  # GPTQ's "act-order": quantize the columns with large inputs first
+            perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+        Hinv, Hinv_chol, damp = inverse_hessian(H, percdamp=percdamp)
+
+        n_groups = cols // gs
+        if not grouped or actorder:
+            # Per channel, or act-order with groups: fit every group once on the original W
+            # ("static groups"), so a group's grid does not depend on the column order.
+            scale, zero = quant.find_params(W0, bits=bits, sym=sym, groupsize=groupsize, mse=mse, mask=mask)
+        else:
+            # Groups in order: fit each group when its first column comes up, on the current
+            # (error-updated) weights, as GPTQ does.
+            scale = torch.zeros(rows, n_groups, device=W0.device)  # [rows, n_groups]
+            zero = torch.zeros(rows, n_groups, device=W0.device)
+        group_of = perm // gs  # [cols] group of each permuted column, in original numbering
+
+        # The loop works on Wt = Wᵀ: a column of W is then a contiguous row, and the rank-1
+        # updates run ~30× faster on CPU than on strided column slices.
+        Wt = W0[:, perm].T.contiguous()  # [cols, rows] working copy, permuted
+        free_t = free[:, perm].T.contiguous()  # [cols, rows]
+        Qt = torch.zeros_like(Wt)  # [cols, rows] dequantized
+        codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=W0.device)  # [cols, rows]
+        loss = torch.zeros(rows, device=W0.device, dtype=torch.float64)  # [rows]
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1 = Wt[i1:i2].clone()  # [b, rows] current values of the block
+            Err1 = torch.zeros_like(W1)  # [b, rows] scaled errors (w − q) / d
+            Hinv1 = Hinv_chol[i1:i2, i1:i2]  # [b, b]
+            for i in range(i2 - i1):
+                j = i1 + i  # permuted column index
+                g = group_of[j].item()
+                if grouped and not actorder and j % gs == 0:
+                    cur = W1[i : i + gs]  # [<=gs, rows] the in-block part is up to date
+                    if j + gs > i2:  # the group runs past the block: apply this block's pending updates
+                        rest = Wt[i2 : j + gs] - Hinv_chol[i1:j, i2 : j + gs].T @ Err1[:i]  # [j+gs-i2, rows]
+                        cur = torch.cat([cur, rest])  # [gs, rows]
+                    m = None if mask is None else mask[:, j : j + gs]
+                    s, z = quant.find_params(cur.T, bits=bits, sym=sym, mse=mse, mask=m)  # [rows, 1]
+                    scale[:, g : g + 1], zero[:, g : g + 1] = s, z
+                s, z = scale[:, g : g + 1], zero[:, g : g + 1]  # [rows, 1]
+                w = W1[i]  # [rows]
+                c = quant.quantize(w[:, None], s, z, bits=bits)  # [rows, 1] uint8
+                q = quant.dequantize(c, s, z)[:, 0]  # [rows]
+                codes_t[j], Qt[j] = c[:, 0], q
+                err = torch.where(free_t[j], (w - q) / Hinv1[i, i], 0.0)  # [rows]; kept/dead: no error
+                loss += err.double().square() / 2  # OBS: quantizing w costs (w − q)² / (2 [H⁻¹]_ii)
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # [b − i, rows] compensate inside the block
+                Err1[i] = err
+            Wt[i2:] -= Hinv_chol[i1:i2, i2:].T @ Err1  # [cols − i2, rows] lazy update of the rest
+
+        inv = torch.argsort(perm)  # undo act-order
+        W_hat = Qt[inv].T.contiguous()  # [rows, cols]
+        if mask is not None:
+            W_hat = torch.where(mask, W0, W_hat)  # kept weights: the original value, bit for bit
+        codes = codes_t[inv].T.contiguous()  # [rows, cols]
+        Hinv_diag = torch.diag(Hinv)[inv].to(torch.float32)  # [cols]
+        return GPTQResult(W_hat, codes, scale, zero, loss.sum().item(), Hinv_diag, damp)
+
+
+def reconstruction_error(x: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """‖x Wᵀ − x Ŵᵀ‖²_F / n for x [n, cols] (any leading dims), in float64.
+
+    With H = 2/n Σ x xᵀ this equals ½ tr(ΔW H ΔWᵀ), the quantity GPTQ's `loss` tracks.
+    """
+    if W.shape != W_hat.shape or x.shape[-1] != W.shape[1]:
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, W {tuple(W.shape)}, W_hat {tuple(W_hat.shape)}.")
+    x = x.reshape(-1, W.shape[1]).double()  # [n, cols]
+    diff = x @ (W.double() - W_hat.double()).T  # [n, rows]
+    return diff.square().sum().item() / x.shape[0]

@@ -1,0 +1,109 @@
+"""Dequantize packed low-bit codes to a dense matrix: W = scale * (q - zero).
+
+Triton kernel, its wrapper and a pure-torch reference with the same signature. The layout is
+the one of `tacq_lite.pack` (per_word = 32 // bits codes per int32 along cols), so a single
+load + shift + mask decodes every bit width. Kept weights (TaCQ, arXiv 2504.07389, Sec. 3)
+overwrite the dequantized values at their positions when `kept` is given.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..pack import CODES_PER_WORD, SparseKept, check_kept, check_packed, kept_rows, unpack
+from ..quant import dequantize as dequantize_codes
+
+try:
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+except ImportError:  # CPU-only install: only dequantize_packed_ref is usable
+    triton = tl = None
+
+    def jit(fn):
+        return fn
+
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@jit
+def _dequant_kernel(
+    packed_ptr, scale_ptr, zero_ptr, out_ptr,
+    rows, cols, groupsize,
+    stride_pr, stride_sr, stride_sg, stride_zr, stride_zg, stride_or,
+    BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    ok = (offs_r < rows)[:, None] & (offs_c < cols)[None, :]  # [BLOCK_R, BLOCK_C]
+    word = tl.load(packed_ptr + offs_r[:, None] * stride_pr + (offs_c // PER_WORD)[None, :], mask=ok, other=0)
+    q = (word >> ((offs_c % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)  # [BLOCK_R, BLOCK_C]
+    g = (offs_c // groupsize)[None, :]  # group of each column
+    s = tl.load(scale_ptr + offs_r[:, None] * stride_sr + g * stride_sg, mask=ok, other=0).to(tl.float32)
+    z = tl.load(zero_ptr + offs_r[:, None] * stride_zr + g * stride_zg, mask=ok, other=0).to(tl.float32)
+    W = s * (q.to(tl.float32) - z)  # same op order as quant.dequantize -> bitwise equal in fp32
+    tl.store(out_ptr + offs_r[:, None] * stride_or + offs_c[None, :], W.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _check(packed, scale, zero, kept, *, bits, cols, groupsize, dtype):
+    rows, gs = check_packed(packed, scale, zero, bits=bits, cols=cols, groupsize=groupsize)
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype must be one of {OUT_DTYPES}, got {dtype}.")
+    if kept is not None:
+        check_kept(kept, rows, cols)
+    return rows, gs
+
+
+def _write_kept(W: torch.Tensor, kept: SparseKept | None) -> torch.Tensor:
+    if kept is not None and kept.values.numel():
+        W[kept_rows(kept), kept.col_idx.long()] = kept.values.to(W.dtype)  # kept weights replace W_hat
+    return W
+
+
+def dequantize_packed(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    kept: SparseKept | None = None,
+    *,
+    bits: int,
+    cols: int,
+    groupsize: int,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Triton: packed int32 [rows, words] -> dense `dtype` [rows, cols] (kept weights written in)."""
+    rows, gs = _check(packed, scale, zero, kept, bits=bits, cols=cols, groupsize=groupsize, dtype=dtype)
+    if triton is None:
+        raise RuntimeError("triton is not installed; use dequantize_packed_ref or backend='torch'.")
+    packed = packed.contiguous()
+    scale = scale.expand(rows, -1)  # per-tensor [1, 1] -> stride 0 over rows
+    zero = zero.expand(rows, -1)
+    out = torch.empty(rows, cols, dtype=dtype, device=packed.device)  # [rows, cols]
+    BLOCK_R, BLOCK_C = 32, 64  # powers of 2; 2048 values per program
+    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    _dequant_kernel[grid](
+        packed, scale, zero, out,
+        rows, cols, gs,
+        packed.stride(0), scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1), out.stride(0),
+        BITS=bits, PER_WORD=CODES_PER_WORD[bits], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+    )
+    return _write_kept(out, kept)
+
+
+def dequantize_packed_ref(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    kept: SparseKept | None = None,
+    *,
+    bits: int,
+    cols: int,
+    groupsize: int,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Pure torch: unpack the codes, then quant.dequantize; same contract as dequantize_packed."""
+    rows, _ = _check(packed, scale, zero, kept, bits=bits, cols=cols, groupsize=groupsize, dtype=dtype)
+    codes = unpack(packed, bits=bits, cols=cols)  # uint8 [rows, cols]
+    W = dequantize_codes(codes, scale.expand(rows, -1), zero.expand(rows, -1))  # fp32 [rows, cols]
+    return _write_kept(W.to(dtype), kept)

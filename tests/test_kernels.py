@@ -1,0 +1,154 @@
+"""Triton kernels vs their torch references (under TRITON_INTERPRET=1, set in conftest.py),
+and the references vs plain dense math from quant.dequantize + mask."""
+import pytest
+import torch
+
+from tacq_lite import pack as P
+from tacq_lite import quant
+from tacq_lite.kernels import choose_backend, dequant_matmul, dequant_weight
+from tacq_lite.kernels.dequant import dequantize_packed, dequantize_packed_ref
+from tacq_lite.kernels.gemv import gemv, gemv_ref
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the install
+    TRITON_ERROR = e
+needs_triton = pytest.mark.skipif(TRITON_ERROR is not None, reason=f"triton import failed: {TRITON_ERROR}")
+
+SHAPES = {-1: (72, 136), 64: (72, 192)}  # (rows, cols) not multiples of the kernels' blocks
+
+
+def make_layer(*, bits, groupsize, kept_frac, rows=None, cols=None, seed=0):
+    """A quantized layer: W, mask, codes, scale, zero, packed, kept (CSR or None)."""
+    rows, cols = (rows, cols) if rows else SHAPES[groupsize]
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)  # [rows, cols]
+    mask = torch.rand(rows, cols, generator=g) < kept_frac  # [rows, cols]
+    if kept_frac:
+        mask[5] = True  # one row with more kept entries than a CSR block (BLOCK_NNZ = 32)
+        mask[17:40] = False  # whole row blocks without kept weights
+    scale, zero = quant.find_params(W, bits=bits, groupsize=groupsize, mask=mask)
+    codes = quant.quantize(W, scale, zero, bits=bits)  # uint8 [rows, cols]
+    kept = P.pack_sparse(W, mask) if kept_frac else None
+    return W, mask, codes, scale, zero, P.pack(codes, bits=bits), kept
+
+
+def dense_final(W, mask, codes, scale, zero):
+    """W_final = where(mask, fp16 kept weight, W_hat), float64, from quant.dequantize."""
+    W_hat = quant.dequantize(codes, scale, zero).double()
+    return torch.where(mask, W.half().double(), W_hat)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("groupsize", [-1, 64])
+@pytest.mark.parametrize("kept_frac", [0.0, 0.035])
+def test_references_match_dense_math(bits, groupsize, kept_frac):
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=bits, groupsize=groupsize, kept_frac=kept_frac)
+    rows, cols = W.shape
+    W_ref = dequantize_packed_ref(packed, scale, zero, kept, bits=bits, cols=cols, groupsize=groupsize, dtype=torch.float32)
+    assert torch.equal(W_ref.double(), dense_final(W, mask, codes, scale, zero))
+    x = torch.randn(5, cols)
+    y = gemv_ref(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize)  # [5, rows]
+    torch.testing.assert_close(y.double(), x.double() @ dense_final(W, mask, codes, scale, zero).T, rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("groupsize", [-1, 64])
+def test_dequant_kernel_matches_reference(bits, groupsize):
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=bits, groupsize=groupsize, kept_frac=0.035)
+    cols = W.shape[1]
+    for k, dtype in [(None, torch.float32), (kept, torch.float32), (kept, torch.float16)]:
+        args = (packed, scale, zero, k)
+        out = dequantize_packed(*args, bits=bits, cols=cols, groupsize=groupsize, dtype=dtype)
+        ref = dequantize_packed_ref(*args, bits=bits, cols=cols, groupsize=groupsize, dtype=dtype)
+        assert out.dtype == dtype and torch.equal(out, ref)  # same fp32 ops -> bitwise equal
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("groupsize", [-1, 64])
+@pytest.mark.parametrize("kept_frac", [0.0, 0.035])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_gemv_kernel_matches_reference(bits, groupsize, kept_frac, M):
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=bits, groupsize=groupsize, kept_frac=kept_frac, seed=M)
+    x = torch.randn(M, W.shape[1])  # [M, cols]
+    y = gemv(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize)  # [M, rows]
+    assert y.shape == (M, W.shape[0]) and y.dtype == x.dtype
+    torch.testing.assert_close(y, gemv_ref(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize), rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+def test_gemv_fp16_and_codes_under_kept_weights_do_not_matter():
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=3, groupsize=64, kept_frac=0.035)
+    x = torch.randn(3, W.shape[1]).half()
+    y = gemv(x, packed, scale, zero, kept, bits=3, groupsize=64)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, gemv_ref(x, packed, scale, zero, kept, bits=3, groupsize=64), rtol=1e-3, atol=1e-2)
+    scrambled = torch.where(mask, torch.randint_like(codes, 0, 8), codes)  # any code may sit under a kept weight
+    y2 = gemv(x, P.pack(scrambled, bits=3), scale, zero, kept, bits=3, groupsize=64)
+    torch.testing.assert_close(y2, y, rtol=1e-3, atol=1e-2)
+
+
+@needs_triton
+def test_per_tensor_grid_and_dispatch():
+    rows, cols = 24, 40
+    W = torch.randn(rows, cols)
+    scale, zero = quant.find_params(W, bits=4, per_tensor=True)  # [1, 1]
+    packed = P.pack(quant.quantize(W, scale, zero, bits=4), bits=4)
+    kept = P.pack_sparse(W, W.abs() > 2)
+    x = torch.randn(2, 3, cols)  # leading dims are flattened by the dispatcher
+    kw = dict(bits=4, groupsize=-1)
+    y_torch = dequant_matmul(x, packed, scale, zero, kept, **kw, backend="torch")
+    y_tri = dequant_matmul(x, packed, scale, zero, kept, **kw, backend="triton")
+    assert y_torch.shape == (2, 3, rows)
+    torch.testing.assert_close(y_tri, y_torch, rtol=1e-5, atol=1e-4)
+    x_big = torch.randn(20, cols)  # M > 16: dequantize once, then linear
+    torch.testing.assert_close(dequant_matmul(x_big, packed, scale, zero, kept, **kw, backend="triton"),
+                               dequant_matmul(x_big, packed, scale, zero, kept, **kw), rtol=1e-5, atol=1e-4)
+    W_tri = dequant_weight(packed, scale, zero, kept, bits=4, cols=cols, groupsize=-1, dtype=torch.float32, backend="triton")
+    assert torch.equal(W_tri, dequant_weight(packed, scale, zero, kept, bits=4, cols=cols, groupsize=-1, dtype=torch.float32))
+
+
+def test_choose_backend():
+    x = torch.zeros(2, 3)
+    assert choose_backend(x) == "torch"  # CPU tensors use the reference unless asked
+    assert choose_backend(x, "torch") == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend(x, "cuda")
+
+
+def test_bad_inputs_raise():
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=4, groupsize=64, kept_frac=0.035)
+    rows, cols = W.shape
+    x = torch.randn(2, cols)
+    kw = dict(bits=4, groupsize=64)
+    with pytest.raises(ValueError, match="words per row"):
+        gemv_ref(torch.randn(2, cols + 64), packed, scale, zero, kept, **kw)
+    with pytest.raises(TypeError, match="x must be"):
+        gemv_ref(x.long(), packed, scale, zero, kept, **kw)
+    with pytest.raises(ValueError, match="2-D"):
+        gemv_ref(x[None], packed, scale, zero, kept, **kw)
+    with pytest.raises(ValueError, match="scale shape"):
+        gemv_ref(x, packed, scale[:, :1], zero, kept, **kw)
+    with pytest.raises(TypeError, match="zero must be"):
+        gemv_ref(x, packed, scale, zero.long(), kept, **kw)
+    with pytest.raises(TypeError, match="int32"):
+        gemv_ref(x, packed.long(), scale, zero, kept, **kw)
+    with pytest.raises(ValueError, match="does not divide"):
+        gemv_ref(x, packed, scale, zero, kept, bits=4, groupsize=100)
+    with pytest.raises(ValueError, match="row_ptr"):
+        gemv_ref(x, packed, scale, zero, kept._replace(row_ptr=kept.row_ptr[:-1]), **kw)
+    with pytest.raises(ValueError, match="values must be fp16"):
+        gemv_ref(x, packed, scale, zero, kept._replace(values=kept.values.float()), **kw)
+    with pytest.raises(TypeError, match="dtype must be"):
+        dequantize_packed_ref(packed, scale, zero, bits=4, cols=cols, groupsize=64, dtype=torch.int32)
+
+
+@needs_triton
+def test_gemv_rejects_large_batch():
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=2, groupsize=64, kept_frac=0.0)
+    with pytest.raises(ValueError, match="M <= 16"):
+        gemv(torch.randn(17, W.shape[1]), packed, scale, zero, bits=2, groupsize=64)
