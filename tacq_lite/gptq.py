@@ -35,7 +35,7 @@ CHOLESKY_TRIES = 5  # each retry multiplies the damping by 10
 
 
 class GPTQResult(NamedTuple):
-    W_hat: torch.Tensor  # [rows, cols] float32, dequantized; == W at mask positions
+    W_hat: torch.Tensor  # [rows, cols] float32, dequantized; == W at mask positions (exact for fp16/bf16/fp32 W)
     codes: torch.Tensor  # [rows, cols] uint8; at mask positions: the grid's code of the working value, unused
     scale: torch.Tensor  # [rows, n_groups] float32
     zero: torch.Tensor  # [rows, n_groups] float32 holding integers
@@ -59,7 +59,7 @@ def inverse_hessian(H: torch.Tensor, *, percdamp: float) -> tuple[torch.Tensor, 
     for _ in range(CHOLESKY_TRIES):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)  # [cols, cols] lower
         if info.item() == 0:
-            # H⁻¹ = L⁻ᵀ L⁻¹; cholesky_solve does what cholesky_inverse does, ~30× faster on CPU torch.
+            # H⁻¹ = L⁻ᵀ L⁻¹; cholesky_solve gives what cholesky_inverse gives, far faster on CPU torch.
             Hinv = torch.cholesky_solve(eye, L)  # [cols, cols]
             Hinv_chol, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [cols, cols] upper
             if info.item() == 0 and torch.isfinite(Hinv_chol).all():
@@ -86,7 +86,11 @@ class GPTQ:
         self.nsamples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Accumulate H = 2/n Σ x xᵀ over the layer inputs x [..., cols], as a running mean."""
+        """Accumulate H = 2/n Σ x xᵀ over the layer inputs x [..., cols], as a running mean.
+
+        n counts rows of x (tokens); the reference counts sequences. The two differ by a constant
+        factor, which changes nothing: the damping is relative to mean(diag H).
+        """
         if x.shape[-1] != self.cols:
             raise ValueError(
                 f"x has last dimension {x.shape[-1]} but the layer has {self.cols} input columns; "
@@ -127,7 +131,6 @@ class GPTQ:
         gs = quant.check_groupsize(groupsize, cols)
         grouped = gs < cols
         quant.check_mask(mask, W0)
-        maxq = 2**bits - 1
 
         H = self.H.clone()  # [cols, cols]
         dead = torch.diag(H) == 0  # [cols]
@@ -154,7 +157,7 @@ class GPTQ:
         group_of = perm // gs  # [cols] group of each permuted column, in original numbering
 
         # The loop works on Wt = Wᵀ: a column of W is then a contiguous row, and the rank-1
-        # updates run ~30× faster on CPU than on strided column slices.
+        # updates run many times faster on CPU than on strided column slices.
         Wt = W0[:, perm].T.contiguous()  # [cols, rows] working copy, permuted
         free_t = free[:, perm].T.contiguous()  # [cols, rows]
         Qt = torch.zeros_like(Wt)  # [cols, rows] dequantized
@@ -181,8 +184,8 @@ class GPTQ:
                 c = quant.quantize(w[:, None], s, z, bits=bits)  # [rows, 1] uint8
                 q = quant.dequantize(c, s, z)[:, 0]  # [rows]
                 codes_t[j], Qt[j] = c[:, 0], q
-                err = torch.where(free_t[j], (w - q) / Hinv1[i, i], 0.0)  # [rows]; kept/dead: no error
-                loss += err.double().square() / 2  # OBS: quantizing w costs (w − q)² / (2 [H⁻¹]_ii)
+                err = torch.where(free_t[j], (w - q) / Hinv1[i, i], 0.0)  # [rows], d = Hinv1[i, i]; kept/dead: no error
+                loss += err.double().square() / 2  # OBS cost of this column: (w − q)² / (2 d²)
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # [b − i, rows] compensate inside the block
                 Err1[i] = err
             Wt[i2:] -= Hinv_chol[i1:i2, i2:].T @ Err1  # [cols − i2, rows] lazy update of the rest

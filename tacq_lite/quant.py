@@ -1,6 +1,6 @@
 """Uniform (affine) quantization of weight matrices: the round-to-nearest grid.
 
-A weight w becomes an integer code q = clamp(round(w / scale) + zero, 0, maxq) with
+A weight w becomes an integer code q = clamp(round(w / scale + zero), 0, maxq) with
 maxq = 2**bits - 1 and comes back as scale * (q - zero). `scale` and `zero` are fitted per
 tensor, per output channel (row) or per group of `groupsize` consecutive input columns.
 The optional MSE grid search over shrunken ranges follows GPTQ (Frantar et al., 2022,
@@ -71,7 +71,7 @@ def fill_masked(W: torch.Tensor, mask: torch.Tensor | None, groupsize: int) -> t
     return torch.where(keep, mean, Wg).reshape(rows, cols)
 
 
-def _range_to_params(xmin, xmax, *, maxq: int, sym: bool):
+def _range_to_params(xmin, xmax, *, maxq: int, sym: bool, round_zero: bool = True):
     # xmin/xmax [n]; the grid always contains 0 (GPTQ convention), so zero padding is exact.
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
@@ -85,11 +85,12 @@ def _range_to_params(xmin, xmax, *, maxq: int, sym: bool):
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
-        zero = torch.round(-xmin / scale)
+        zero = -xmin / scale
+        zero = torch.round(zero) if round_zero else zero
     return scale, zero
 
 
-def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, budget=1 << 16):
+def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, round_zero, budget=1 << 16):
     """Try ranges shrunk by p = 1, 0.99, ... and keep, per row, the one with least sum |err|^norm.
 
     x [n, g]; all shrink factors of a chunk of rows are scored at once ([rows, P, g]), which
@@ -101,9 +102,9 @@ def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, budget=1 << 
     for r in range(0, x.shape[0], step):
         xc = x[r : r + step, None, :]  # [c, 1, g]
         s, z = _range_to_params((xmin[r : r + step, None] * p).flatten(), (xmax[r : r + step, None] * p).flatten(),
-                                maxq=maxq, sym=sym)
+                                maxq=maxq, sym=sym, round_zero=round_zero)
         s, z = s.view(-1, len(p), 1), z.view(-1, len(p), 1)  # [c, P, 1]
-        q = torch.clamp(torch.round(xc / s) + z, 0, maxq)  # [c, P, g]
+        q = torch.clamp(torch.round(xc / s + z), 0, maxq)  # [c, P, g]
         err = (s * (q - z) - xc).abs_().pow_(norm).sum(-1)  # [c, P]
         best = err.argmin(1, keepdim=True)  # [c, 1]; the first minimum = the widest range
         scales.append(s[..., 0].gather(1, best)[:, 0])
@@ -123,6 +124,7 @@ def find_params(
     norm: float = 2.4,  # GPTQ's error norm for the range search
     grid: int = 100,  # number of shrink steps tried
     maxshrink: float = 0.8,  # shrink the range by at most 80 %
+    round_zero: bool = True,  # integer zero point (GPTQ); False = float offset, as GGUF's Q4_1 stores it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit scale and zero for W. Returns (scale, zero), each [rows, n_groups] or [1, 1]."""
     check_bits(bits)
@@ -137,9 +139,10 @@ def find_params(
     else:
         x = x.reshape(rows * (cols // gs), gs)  # [rows * n_groups, groupsize]
     xmin, xmax = x.min(1).values, x.max(1).values  # [n]
-    scale, zero = _range_to_params(xmin, xmax, maxq=maxq, sym=sym)
+    scale, zero = _range_to_params(xmin, xmax, maxq=maxq, sym=sym, round_zero=round_zero)
     if mse:
-        scale, zero = _mse_search(x, xmin, xmax, maxq=maxq, sym=sym, norm=norm, grid=grid, maxshrink=maxshrink)
+        scale, zero = _mse_search(x, xmin, xmax, maxq=maxq, sym=sym, norm=norm, grid=grid, maxshrink=maxshrink,
+                                  round_zero=round_zero)
     shape = (1, 1) if per_tensor else (rows, cols // gs)
     return scale.reshape(shape), zero.reshape(shape)
 
@@ -162,7 +165,7 @@ def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: 
     check_weight(W)
     _check_params(W, scale, zero)
     cols = W.shape[1]
-    q = torch.round(W.float() / _expand(scale, cols)) + _expand(zero, cols)
+    q = torch.round(W.float() / _expand(scale, cols) + _expand(zero, cols))  # = round(W/s) + z for integer z
     return q.clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
@@ -184,8 +187,10 @@ def quantize_dequantize(
     per_tensor: bool = False,
     mse: bool = False,
     mask: torch.Tensor | None = None,
+    round_zero: bool = True,
 ) -> torch.Tensor:
     """Round-to-nearest fake quantization in W's dtype; kept (mask=True) weights come back exact."""
-    scale, zero = find_params(W, bits=bits, sym=sym, groupsize=groupsize, per_tensor=per_tensor, mse=mse, mask=mask)
+    scale, zero = find_params(W, bits=bits, sym=sym, groupsize=groupsize, per_tensor=per_tensor, mse=mse, mask=mask,
+                              round_zero=round_zero)
     W_hat = dequantize(quantize(W, scale, zero, bits=bits), scale, zero).to(W.dtype)  # [rows, cols]
     return W_hat if mask is None else torch.where(mask, W, W_hat)

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from tacq_lite import data
+from tacq_lite.eval import evaluate_lm
+from tacq_lite.models import tiny_llama
+
+
+class CharTok:
+    """A byte-level stand-in for a tokenizer (ids < 256)."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    return str(path)
+
+
+def test_calibration_windows_seeded_and_shaped(text_file):
+    tok = CharTok()
+    a = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
+    b = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
+    c = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=2)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eval_tokens_whole_windows(text_file):
+    t = data.eval_tokens(CharTok(), text_file, max_tokens=100, seq_len=32)
+    assert t.numel() == 96
+
+
+def test_wikitext2_halves_are_disjoint():
+    if data.shared_data_dir() is None:
+        pytest.skip("../shared/data is absent: the WikiText-2 split needs the reference copy")
+    calib = data.source_text("wikitext2", role="calib")
+    evaluation = data.source_text("wikitext2", role="eval")
+    assert len(calib) > 500_000 and len(evaluation) > 500_000
+    raw = (data.shared_data_dir() / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    assert calib + evaluation == raw  # one cut, nothing shared, nothing lost
+    assert "first half" in data.describe_source("wikitext2")
+
+
+def test_bad_sources(tmp_path, monkeypatch):
+    tok = CharTok()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.eval_tokens(tok, str(tmp_path / "missing.txt"), seq_len=8)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        data.eval_tokens(tok, str(empty), seq_len=8)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.calibration_windows(tok, str(short), n=1, seq_len=64)
+
+
+def test_no_wikitext_source_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("TACQ_LITE_DATA", str(tmp_path / "nowhere"))
+    data._wikitext2_halves.cache_clear()
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    try:
+        with pytest.raises(FileNotFoundError, match="shared/data.*load_dataset"):
+            data.source_text("wikitext2", role="calib")
+    finally:
+        data._wikitext2_halves.cache_clear()
+
+
+def test_perplexity_matches_manual_nll_and_kl_is_zero_to_itself():
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(0))
+    m = evaluate_lm(model, tokens, seq_len=32, reference=model, progress=False)
+    logits = model(tokens.view(2, 32)).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens.view(2, 32)[:, 1:].reshape(-1))
+    assert m.nll == pytest.approx(nll.item(), rel=1e-5)
+    assert m.ppl == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    assert m.n_tokens == 62 and abs(m.kl) < 1e-6 and m.ref_ppl == pytest.approx(m.ppl)
+    other = tiny_llama(seed=1)
+    assert evaluate_lm(other, tokens, seq_len=32, reference=model, progress=False).kl > 1e-3

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from tacq_lite import quant
+
+
+def _w(rows=16, cols=64, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("groupsize", [-1, 16])
+def test_levels_and_error_bound(bits, sym, groupsize):
+    W = _w()
+    scale, zero = quant.find_params(W, bits=bits, sym=sym, groupsize=groupsize)
+    codes = quant.quantize(W, scale, zero, bits=bits)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    for row in codes:  # at most 2**bits distinct levels per row
+        assert row.unique().numel() <= 2**bits
+    W_hat = quant.dequantize(codes, scale, zero)
+    # min/max range: every weight lies inside the grid, so the error is at most half a step
+    step = scale.repeat_interleave(W.shape[1] // scale.shape[1], dim=1)
+    assert ((W_hat - W).abs() <= step / 2 + 1e-6).all()
+
+
+def test_idempotent():
+    W = _w()
+    once = quant.quantize_dequantize(W, bits=3, groupsize=16)
+    twice = quant.quantize_dequantize(once, bits=3, groupsize=16)
+    assert torch.allclose(once, twice, atol=1e-6)
+
+
+def test_symmetric_grid_is_centred_and_asymmetric_fits_shifted_data():
+    W = _w().abs() + 1.0  # all positive: an asymmetric grid wastes nothing, a symmetric one half
+    s_sym, z_sym = quant.find_params(W, bits=4, sym=True)
+    s_asym, z_asym = quant.find_params(W, bits=4, sym=False)
+    assert torch.all(z_sym == 8)  # (maxq + 1) / 2
+    err_sym = (quant.quantize_dequantize(W, bits=4, sym=True) - W).pow(2).mean()
+    err_asym = (quant.quantize_dequantize(W, bits=4, sym=False) - W).pow(2).mean()
+    assert err_asym < err_sym
+
+
+def test_grouping_shapes_and_per_tensor():
+    W = _w(8, 64)
+    s, z = quant.find_params(W, bits=4, groupsize=16)
+    assert s.shape == z.shape == (8, 4)
+    s, z = quant.find_params(W, bits=4, per_tensor=True)
+    assert s.shape == (1, 1)
+    W_hat = quant.quantize_dequantize(W, bits=4, per_tensor=True)
+    assert W_hat.unique().numel() <= 16
+    # finer granularity never hurts on the same data
+    errs = [(quant.quantize_dequantize(W, bits=3, **kw) - W).pow(2).sum()
+            for kw in ({"per_tensor": True}, {"groupsize": -1}, {"groupsize": 16})]
+    assert errs[0] >= errs[1] >= errs[2]
+
+
+def test_mse_search_reduces_error_with_outliers():
+    W = _w(32, 128)
+    W[:, 0] = 12.0  # one outlier column stretches min/max
+    plain = (quant.quantize_dequantize(W, bits=3) - W).abs().pow(2.4).sum()
+    searched = (quant.quantize_dequantize(W, bits=3, mse=True) - W).abs().pow(2.4).sum()
+    assert searched < plain
+
+
+def test_mask_ignored_in_fit_and_exact():
+    W = _w(8, 32)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask[2, 5] = mask[6, 0] = True
+    W_out = W.clone()
+    W_out[mask] = 1000.0  # huge outliers at the kept positions
+    s_free, _ = quant.find_params(W, bits=3, mask=mask)
+    s_masked, _ = quant.find_params(W_out, bits=3, mask=mask)
+    assert torch.allclose(s_free, s_masked)  # the outliers did not stretch the grid
+    W_hat = quant.quantize_dequantize(W_out, bits=3, mask=mask)
+    assert torch.equal(W_hat[mask], W_out[mask])
+    full = torch.ones_like(mask)
+    assert torch.equal(quant.quantize_dequantize(W, bits=3, mask=full), W)  # every weight kept
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 16])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        quant.find_params(_w(), bits=bits)
+
+
+def test_bad_groupsize_names_divisors():
+    with pytest.raises(ValueError, match="does not divide.*576"):
+        quant.find_params(torch.randn(4, 576), bits=4, groupsize=128)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight(bad):
+    W = _w()
+    W[3, 3] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quant.quantize_dequantize(W, bits=4)
+
+
+def test_bad_mask():
+    W = _w()
+    with pytest.raises(TypeError, match="bool"):
+        quant.find_params(W, bits=3, mask=torch.zeros_like(W))
+    with pytest.raises(ValueError, match="shape"):
+        quant.find_params(W, bits=3, mask=torch.zeros(3, 3, dtype=torch.bool))
