@@ -8,15 +8,12 @@ metric, the bits accounting, seconds per stage and the peak resident memory.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from .config import METHODS, QuantConfig
+from .records import write_json_atomic
 
 RECORD_VERSION = 1
 
@@ -56,16 +53,6 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def write_json_atomic(path: str | os.PathLike, record: dict) -> None:
-    """Write JSON next to `path` and rename it into place: no half-written record is ever read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run_quantize(config: QuantConfig, *, progress: bool = True, log=print) -> dict:

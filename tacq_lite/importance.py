@@ -149,6 +149,13 @@ def accumulate_gradients(
 
         return hook
 
+    frozen = [n for n, p in model.named_parameters() if p.is_inference()]
+    if frozen:  # their requires_grad could neither be set nor restored
+        raise RuntimeError(
+            f"{len(frozen)} parameters (e.g. {frozen[0]}) are inference tensors, made under torch.inference_mode(), "
+            "and cannot take gradients. Load the model outside torch.inference_mode(), or replace them by "
+            "plain clones: `for p in model.parameters(): p.data = p.data.clone()` outside inference mode."
+        )
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     handles = []
@@ -157,13 +164,7 @@ def accumulate_gradients(
         for p in model.parameters():
             p.requires_grad_(False)
         for name, w in targets.items():
-            try:
-                w.requires_grad_(True)
-            except RuntimeError as err:  # e.g. inference tensors made under torch.inference_mode()
-                raise RuntimeError(
-                    f"{name}.weight cannot take gradients ({err}). Load the model outside "
-                    "torch.inference_mode(), or replace its weights by plain clones before computing G."
-                ) from None
+            w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
         if checkpointing:

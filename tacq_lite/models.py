@@ -102,13 +102,21 @@ def load_model(name: str | None = None, *, dtype: torch.dtype = torch.float32, u
     name: None or "embedded" for the embedded SmolLM2-135M-Instruct; otherwise any
     Hugging Face model id or local folder accepted by `from_pretrained`.
     """
-    if name in (None, EMBEDDED_NAME):
-        model, tok = _load_embedded(dtype, use_cache)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter every notebook
+    try:
+        if name in (None, EMBEDDED_NAME):
+            model, tok = _load_embedded(dtype, use_cache)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok

@@ -1,0 +1,95 @@
+"""Quality benchmarks of the embedded model: perplexity / KL / seconds / memory per method.
+
+    python bench/bench_quality.py rtn   --eval-tokens 8192
+    python bench/bench_quality.py gptq  --n-calib 64 --seq-len 512
+    python bench/bench_quality.py tacq  --n-calib 64 --seq-len 512
+
+Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
+peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUITES = {
+    "rtn": [dict(method="fp")] + [
+        dict(method="rtn", bits=b, groupsize=g, mse=False) for b in (8, 4, 3, 2) for g in (-1, 64, 32)
+    ],
+    "gptq": [dict(method=m, bits=b, groupsize=g) for b, g in ((4, -1), (3, -1), (2, 64), (4, 64), (3, 64), (2, -1))
+             for m in ("rtn", "gptq")],
+    "tacq": [dict(method="gptq", bits=3, groupsize=-1), dict(method="gptq", bits=2, groupsize=64)] + [
+        dict(method="tacq", bits=b, groupsize=g, selector=s, ratio=r)
+        for b, g in ((3, -1), (2, 64))
+        for r in (0.0035, 0.01)
+        for s in ("tacq", "magnitude", "gradient", "qal", "msg", "fisher", "hessian", "activation", "owq_columns", "random")
+    ],
+}
+
+
+def row_name(cfg: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in sorted(cfg.items()))
+
+
+def run_one(cfg: dict, common: dict, out: Path) -> dict:
+    """Run one configuration in a child process (fresh peak-RSS) and return its record."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    code = (
+        "import json, sys; from tacq_lite.config import QuantConfig; from tacq_lite.cli import run_quantize;"
+        "from tacq_lite.records import write_json_atomic;"
+        "c = QuantConfig(**json.loads(sys.argv[1])); write_json_atomic(sys.argv[2], run_quantize(c, progress=False))"
+    )
+    cfg_all = {**common, **cfg, "evals": ["wikitext2"]}
+    subprocess.run([sys.executable, "-c", code, json.dumps(cfg_all), str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def table(records: list[dict]) -> str:
+    head = "| method | selector | ratio | bits | group | avg bits | WikiText-2 ppl | KL | seconds | peak RSS MB |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        c, m = r["config"], r["metrics"]["wikitext2"]
+        tacq = c["method"] == "tacq"
+        lines.append(
+            f"| {c['method']} | {c['selector'] if tacq else '-'} | {c['ratio'] if tacq else '-'} | {r['bits']} | "
+            f"{c['groupsize'] if c['method'] != 'fp' else '-'} | {r['avg_bits']:.3f} | {m['ppl']:.2f} | "
+            f"{m['kl']:.4f} | {r['seconds_total']:.0f} | {r['peak_rss_mb']:.0f} |"
+            if m.get("kl") is not None else
+            f"| {c['method']} | - | - | {r['bits']} | - | {r['avg_bits']:.3f} | {m['ppl']:.2f} | - | "
+            f"{r['seconds_total']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("suite", choices=sorted(SUITES))
+    p.add_argument("--n-calib", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--only", default=None, help="comma-separated row indices to run (default: all)")
+    args = p.parse_args()
+    common = dict(n_calib=args.n_calib, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
+    out_dir = ROOT / "bench" / "results" / args.suite
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = SUITES[args.suite]
+    if args.only:
+        rows = [rows[int(i)] for i in args.only.split(",")]
+    records = []
+    for cfg in rows:
+        name = row_name({**cfg, **common})
+        records.append(run_one(cfg, common, out_dir / f"{name}.json"))
+        print(table(records[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{args.suite}: {date.today()}, `python bench/bench_quality.py {' '.join(sys.argv[1:])}`\n")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

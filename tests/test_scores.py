@@ -1,0 +1,77 @@
+"""Tests for tacq_lite.scores: every selector against its formula on hand-made numbers."""
+import pytest
+import torch
+
+from tacq_lite import scores
+
+W = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 4.0, 0.0]])  # [rows=2, cols=3]
+QW = torch.tensor([[1.5, -2.0, 0.0], [-2.0, 3.5, 0.25]])  # error QW − W: [[.5, 0, -.5], [1, -.5, .25]]
+G = torch.tensor([[2.0, 1.0, 4.0], [0.5, 3.0, 1.0]])  # Σ|g| >= 0
+G2 = torch.tensor([[1.0, 0.5, 8.0], [0.25, 4.0, 2.0]])
+H_diag = torch.tensor([4.0, 1.0, 9.0])  # [cols]
+Hinv_diag = torch.tensor([0.5, 2.0, 0.25])  # [cols]
+ALL = dict(W=W, G=G, G2=G2, QW=QW, H_diag=H_diag, Hinv_diag=Hinv_diag)
+
+
+def expected(name, i, j):
+    """The formula for entry (i, j), written out with Python floats."""
+    w, q, g, g2 = W[i, j].item(), QW[i, j].item(), G[i, j].item(), G2[i, j].item()
+    e = q - w
+    return {
+        "tacq": abs(w) * abs(g) * abs(e),
+        "magnitude": abs(w),
+        "gradient": abs(g),
+        "qal": abs(g) * abs(e),
+        "msg": abs(w) * abs(g),
+        "fisher": g2 * e * e,
+        "hessian": e * e / Hinv_diag[j].item(),
+        "activation": abs(w) * H_diag[j].item() ** 0.5,
+        "owq_columns": H_diag[j].item() * sum((QW[r, j] - W[r, j]).item() ** 2 for r in range(2)) / 2,
+    }[name]
+
+
+@pytest.mark.parametrize("name", [n for n in scores.SELECTORS if n != "random"])
+def test_each_selector_matches_its_formula(name):
+    s = scores.score(name, **ALL)
+    assert s.shape == W.shape and s.dtype == torch.float32
+    want = torch.tensor([[expected(name, i, j) for j in range(3)] for i in range(2)])
+    assert torch.allclose(s, want), (name, s, want)
+    # Only the declared inputs are read: passing just those gives the same score.
+    given = {k: ALL[k] for k in scores.SELECTORS[name].needs}
+    assert torch.equal(scores.score(name, W=W, **given), s)
+
+
+def test_hand_checked_values():
+    # A few entries by hand, independent of the helper above.
+    assert scores.score("tacq", **ALL)[1, 0].item() == 3.0 * 0.5 * 1.0
+    assert scores.score("tacq", **ALL)[0, 1].item() == 0.0  # no quantization error, no score
+    assert scores.score("hessian", **ALL)[0, 2].item() == 0.25 / 0.25
+    assert scores.score("owq_columns", **ALL)[:, 0].tolist() == [4.0 * 1.25 / 2] * 2
+
+
+def test_random_is_seeded_and_uniform():
+    a = scores.score("random", W=W, generator=torch.Generator().manual_seed(3))
+    b = scores.score("random", W=W, generator=torch.Generator().manual_seed(3))
+    c = scores.score("random", W=W, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a >= 0) & (a < 1)).all()
+
+
+def test_needs_are_declared():
+    assert scores.needs_gradients("tacq") and scores.needs_gradients("fisher") and scores.needs_gradients("msg")
+    for name in ("magnitude", "random", "hessian", "activation", "owq_columns"):
+        assert not scores.needs_gradients(name)
+    assert scores.SELECTORS["owq_columns"].columns
+    assert sum(s.columns for s in scores.SELECTORS.values()) == 1
+    assert all(s.needs <= set(scores.INPUTS) for s in scores.SELECTORS.values())
+
+
+def test_bad_calls():
+    with pytest.raises(ValueError, match="unknown; choose one of tacq, magnitude"):
+        scores.score("salience", W=W)
+    with pytest.raises(ValueError, match="needs G, QW"):
+        scores.score("tacq", W=W)
+    with pytest.raises(ValueError, match="shape"):
+        scores.score("gradient", W=W, G=G[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        scores.score("activation", W=W, H_diag=H_diag[:2])

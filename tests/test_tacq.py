@@ -1,0 +1,169 @@
+"""Tests for tacq_lite.tacq: TaCQ end to end on a tiny Llama, the score cache, selectors, errors."""
+import pytest
+import torch
+
+from tacq_lite import importance, outliers, pipeline, walk
+from tacq_lite.config import QuantConfig
+from tacq_lite.models import tiny_llama
+from tacq_lite.pipeline import QuantizeResult, bits_report
+from tacq_lite.tacq import build_masks, compute_importance, tacq_quantize
+
+WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+TOTAL = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny_llama: q, o 64x64; k, v 32x64; mlp 128x64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """Count backward passes (accumulate_gradients calls) and GPTQ passes."""
+    seen = {"grads": 0, "squares": 0, "gptq": 0}
+    grads, gptq = importance.accumulate_gradients, pipeline.gptq_quantize
+
+    def counting_grads(*a, **kw):
+        seen["grads"] += 1
+        seen["squares"] += bool(kw.get("squares"))
+        return grads(*a, **kw)
+
+    def counting_gptq(*a, **kw):
+        seen["gptq"] += 1
+        return gptq(*a, **kw)
+
+    monkeypatch.setattr(importance, "accumulate_gradients", counting_grads)
+    monkeypatch.setattr(pipeline, "gptq_quantize", counting_gptq)
+    return seen
+
+
+def run(config, model=None, **kw):
+    model = model or tiny_llama()
+    result = QuantizeResult(config=config, bits=bits_report(model, config))
+    info = tacq_quantize(model, WINDOWS, config, result, progress=False, **kw)
+    return model, result, info
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """The reference run: TaCQ at 1 % with an empty cache."""
+    config = QuantConfig(method="tacq", bits=3, ratio=0.01, n_calib=4, seq_len=32,
+                         cache_dir=str(tmp_path_factory.mktemp("scores")))
+    original = {n: lin.weight.detach().clone() for n, lin in walk.named_linears(tiny_llama()).items()}
+    model, result, info = run(config)
+    return config, original, model, result, info
+
+
+def test_end_to_end_keeps_exactly_k_weights_exact(first):
+    config, original, model, result, info = first
+    assert sum(w.numel() for w in original.values()) == TOTAL
+    k = outliers.n_keep(TOTAL, 0.01)
+    assert info["gradients"] == info["qw"] == "computed" and info["n_backward"] == 4
+    assert sum(result.kept.values()) == info["k"] == k
+    assert set(result.seconds) >= {"qw", "gradients", "score", "gptq"}
+    assert set(result.layer_loss) == set(original)
+    changed = 0
+    for name, lin in walk.named_linears(model).items():
+        mask = result.masks[name]
+        assert torch.equal(lin.weight[mask], original[name][mask])  # bit for bit
+        changed += int((lin.weight[~mask] != original[name][~mask]).sum())
+    assert changed > 0.9 * (TOTAL - k)  # everything else went through the 3-bit grid
+
+
+def test_new_ratio_reuses_the_cache_without_backward_or_first_gptq(first, counts):
+    config, _, _, result1, _ = first
+    _, result2, info = run(config.replace(ratio=0.02))
+    assert counts == {"grads": 0, "squares": 0, "gptq": 1}  # only the final masked GPTQ
+    assert info["gradients"] == info["qw"] == "cache"
+    assert sum(result2.kept.values()) == outliers.n_keep(TOTAL, 0.02)
+    for name, m in result1.masks.items():
+        assert not (m & ~result2.masks[name]).any()  # top-1 % is inside top-2 %
+    # The same ratio again from the cache: the very same masks as the fresh run.
+    _, result3, _ = run(config)
+    assert all(torch.equal(result1.masks[n], result3.masks[n]) for n in result1.masks)
+
+
+def test_selectors_without_gradients_skip_the_backward_passes(first, counts):
+    config = first[0]
+    _, result, info = run(config.replace(selector="magnitude"))
+    assert counts["grads"] == 0 and counts["gptq"] == 1 and info["n_backward"] == 0
+    model = tiny_llama()
+    W = {n: lin.weight.detach().abs() for n, lin in walk.named_linears(model).items()}
+    want = outliers.select_topk(W, ratio=config.ratio)
+    assert all(torch.equal(result.masks[n], want[n]) for n in want)
+    _, r1, _ = run(config.replace(selector="random", seed=1))
+    _, r2, _ = run(config.replace(selector="random", seed=2))
+    assert any(not torch.equal(r1.masks[n], r2.masks[n]) for n in r1.masks)
+    assert counts["grads"] == 0
+
+
+def test_new_bit_width_reuses_gradients_only(first, counts):
+    _, _, info = run(first[0].replace(bits=4))
+    assert counts["grads"] == 0 and counts["gptq"] == 2
+    assert info["gradients"] == "cache" and info["qw"] == "computed"
+
+
+def test_fisher_adds_squares_once_then_hessian_and_owq_use_cached_stats(first, counts):
+    config = first[0]
+    inputs = compute_importance(tiny_llama(), WINDOWS, config.replace(selector="fisher"), progress=False)
+    assert counts["squares"] == 1 and counts["gptq"] == 0 and inputs.G2 is not None
+    compute_importance(tiny_llama(), WINDOWS, config.replace(selector="fisher"), progress=False)
+    assert counts["grads"] == 1  # Σg² is cached now
+    k = outliers.n_keep(TOTAL, config.ratio)
+    for selector in ("hessian", "activation", "owq_columns"):
+        inputs = compute_importance(tiny_llama(), WINDOWS, config, selector=selector, progress=False)
+        masks = build_masks(inputs, selector=selector, ratio=0.05 if selector == "owq_columns" else config.ratio)
+        kept = sum(int(m.sum()) for m in masks.values())
+        if selector == "owq_columns":
+            assert 0 < kept <= outliers.n_keep(TOTAL, 0.05)
+            assert all(torch.equal(m.any(0), m.all(0)) for m in masks.values())  # whole columns
+        else:
+            assert kept == k
+    assert counts["grads"] == 1 and counts["gptq"] == 0
+
+
+def test_ratio_zero_is_plain_gptq(counts, tmp_path):
+    config = QuantConfig(method="tacq", ratio=0.0, n_calib=4, seq_len=32, cache_dir=str(tmp_path))
+    model, result, _ = run(config)
+    plain = tiny_llama()
+    pipeline.gptq_quantize(plain, WINDOWS, config, progress=False)
+    assert counts == {"grads": 0, "squares": 0, "gptq": 2}
+    assert set(result.kept.values()) == {0} and result.masks == {}
+    for (_, a), (_, b) in zip(walk.named_linears(model).items(), walk.named_linears(plain).items()):
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_quantize_model_reports_kept_bits(first):
+    result = pipeline.quantize_model(tiny_llama(), WINDOWS, first[0], progress=False)
+    assert result.bits.n_kept == outliers.n_keep(TOTAL, 0.01)
+    assert result.bits.avg_bits > bits_report(tiny_llama(), first[0].replace(method="gptq")).avg_bits
+
+
+def test_bad_settings_fail_before_any_work(counts):
+    with pytest.raises(ValueError, match="unknown; choose one of tacq"):
+        run(QuantConfig(method="tacq", selector="salience"))
+    assert counts["gptq"] == 0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        QuantConfig(ratio=1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        build_masks(compute_importance(tiny_llama(), WINDOWS, QuantConfig(selector="magnitude")),
+                    selector="magnitude", ratio=1.0)
+
+
+def test_blocked_model_and_damaged_cache(tmp_path, counts):
+    config = QuantConfig(method="tacq", selector="gradient", ratio=0.01, cache_dir=str(tmp_path))
+    model = tiny_llama()
+    model.model.norm.register_forward_hook(lambda _m, _a, out: out.detach())
+    with pytest.raises(RuntimeError, match="No gradient reached"):
+        run(config, model)
+    run(config, cache=False)
+    assert not list(tmp_path.iterdir())  # cache=False writes nothing
+    run(config)
+    (path,) = tmp_path.glob("gradients-*.safetensors")
+    path.write_bytes(path.read_bytes()[:1000])  # a damaged file: warned about, then recomputed
+    with pytest.warns(outliers.CacheWarning, match="unreadable"):
+        _, _, info = run(config)
+    assert info["gradients"] == "computed" and counts["grads"] == 4
