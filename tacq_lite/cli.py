@@ -110,6 +110,8 @@ def run_quantize(config: QuantConfig, *, progress: bool = True, log=print) -> di
         record["layer_loss"] = result.layer_loss
     if result is not None and result.kept:
         record["kept_per_layer"] = result.kept
+    if result is not None and result.info:
+        record["tacq"] = {k: v for k, v in result.info.items() if k != "files"}
     return record
 
 

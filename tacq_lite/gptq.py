@@ -145,6 +145,7 @@ class GPTQ:
         Hinv, Hinv_chol, damp = inverse_hessian(H, percdamp=percdamp)
 
         n_groups = cols // gs
+        maxq = 2**bits - 1
         if not grouped or actorder:
             # Per channel, or act-order with groups: fit every group once on the original W
             # ("static groups"), so a group's grid does not depend on the column order.
@@ -179,11 +180,12 @@ class GPTQ:
                     m = None if mask is None else mask[:, j : j + gs]
                     s, z = quant.find_params(cur.T, bits=bits, sym=sym, mse=mse, mask=m)  # [rows, 1]
                     scale[:, g : g + 1], zero[:, g : g + 1] = s, z
-                s, z = scale[:, g : g + 1], zero[:, g : g + 1]  # [rows, 1]
+                s, z = scale[:, g], zero[:, g]  # [rows]
                 w = W1[i]  # [rows]
-                c = quant.quantize(w[:, None], s, z, bits=bits)  # [rows, 1] uint8
-                q = quant.dequantize(c, s, z)[:, 0]  # [rows]
-                codes_t[j], Qt[j] = c[:, 0], q
+                # quant.quantize/dequantize inlined: this line runs once per column, checks would dominate
+                c = torch.clamp(torch.round(w / s + z), 0, maxq)  # [rows] integer codes
+                q = s * (c - z)  # [rows]
+                codes_t[j], Qt[j] = c.to(torch.uint8), q
                 err = torch.where(free_t[j], (w - q) / Hinv1[i, i], 0.0)  # [rows], d = Hinv1[i, i]; kept/dead: no error
                 loss += err.double().square() / 2  # OBS cost of this column: (w − q)² / (2 d²)
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # [b − i, rows] compensate inside the block

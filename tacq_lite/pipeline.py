@@ -30,6 +30,7 @@ class QuantizeResult:
     layer_loss: dict[str, float] = field(default_factory=dict)  # linear -> GPTQ objective (GPTQ, TaCQ)
     kept: dict[str, int] = field(default_factory=dict)  # linear -> kept weights (TaCQ)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> bool [rows, cols] (TaCQ)
+    info: dict = field(default_factory=dict)  # TaCQ: cache hits, backward passes, seconds per sample
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -113,7 +114,7 @@ def quantize_model(
     elif config.method == "tacq":
         from .tacq import tacq_quantize
 
-        tacq_quantize(model, windows, config, result, progress=progress)
+        result.info = tacq_quantize(model, windows, config, result, progress=progress)
         result.bits = bits_report(model, config, kept=result.kept)
     return result
 

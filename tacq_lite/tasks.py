@@ -120,7 +120,8 @@ def read_mmlu_csv(path: str | Path) -> list[MMLUItem]:
     with open(path, newline="", encoding="utf-8") as f:
         for row_no, row in enumerate(csv.reader(f), start=1):
             if len(row) != 6:
-                raise ValueError(f"{path}, row {row_no}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}.")
+                raise ValueError(f"{path}, row {row_no}: expected 6 columns (question, A, B, C, D, answer), "
+                                 f"got {len(row)}.")
             answer = row[5].strip()
             if answer not in LETTERS:
                 raise ValueError(f"{path}, row {row_no}: answer must be one of A/B/C/D, got {row[5]!r}.")
@@ -215,7 +216,8 @@ def _read_jsonl(path: str | Path, fields: tuple[str, ...]):
                 raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from err
             missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
             if missing:
-                raise ValueError(f"{path}, line {line_no}: missing string field(s) {missing}; each line needs {list(fields)}.")
+                raise ValueError(f"{path}, line {line_no}: missing string field(s) {missing}; "
+                                 f"each line needs {list(fields)}.")
             yield line_no, record
 
 
@@ -228,9 +230,12 @@ def read_pairs_jsonl(path: str | Path) -> list[TaskSample]:
 
 
 def _mmlu_pairs(n: int, rng: random.Random) -> list[TaskSample]:
-    # dev + val of every subject; test stays untouched for evaluation. Prompts are zero-shot
-    # so that calibration sequences stay short (saliency gradients cost one backward each).
-    pool = [(s, item) for s in SUBJECTS for split in ("dev", "val") for item in load_mmlu(s, split)]
+    # Questions come from dev + val of every subject, never from test. MMLU repeats 42
+    # dev/val question texts in test, so test is read only to drop those (no leak).
+    # Prompts are zero-shot to keep calibration sequences short (one backward each).
+    in_test = {item.question for s in SUBJECTS for item in load_mmlu(s, "test")}
+    pool = [(s, item) for s in SUBJECTS for split in ("dev", "val") for item in load_mmlu(s, split)
+            if item.question not in in_test]
     picked = rng.sample(pool, min(n, len(pool)))
     return [TaskSample(mmlu_prompt(s, item, []), f" {item.answer}") for s, item in picked]
 

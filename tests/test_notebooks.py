@@ -44,3 +44,22 @@ def test_02_gptq(tmp_path):
     assert set(r["gptq_ppl"]) == {"3"}
     assert r["gptq_ppl"]["3"] < r["rtn_ppl"]["3"]
     assert r["gptq_wins"] >= 0.95 * r["n_linears"]
+
+
+@pytest.mark.slow
+def test_03_contrastive_importance(tmp_path):
+    r = run("03_contrastive_importance.ipynb", tmp_path, n_calib=2, seq_len=64)
+    assert r["taylor_corr"] > 0.9
+    J = r["jaccard"]
+    assert J["tacq"]["tacq"] == 1.0 and J["tacq"]["random"] < 0.05
+    assert r["n_kept"] == round(0.0035 * 106_168_320)  # the global top-k keeps exactly k weights
+
+
+@pytest.mark.slow
+def test_04_outlier_masking(tmp_path):
+    r = run("04_outlier_masking.ipynb", tmp_path, settings=[[3, -1]], ratios=[0.0035],
+            selectors=["tacq", "magnitude", "random"], n_calib=2, seq_len=64, eval_tokens=512)
+    p = r["ppl"]
+    assert p["3bit_g-1_tacq_0.0035"] < p["3bit_g-1_none_0.0"]
+    assert p["3bit_g-1_tacq_0.0035"] < p["3bit_g-1_random_0.0035"]
+    assert 3.1 < r["avg_bits"]["3bit_g-1_0.0035"] < 3.2  # ~3.1 bits, as the paper says

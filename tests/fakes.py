@@ -1,0 +1,93 @@
+"""Test helpers: a hand-made tokenizer, language models with known outputs, a tiny data folder."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+PIECES = re.compile(r" ?\w+|\n|\s|[^\w\s]")  # GPT-2-like: a leading space sticks to its word
+
+
+class FakeTok:
+    """Word-level tokenizer; ids are handed out in order of first appearance (0 is EOS)."""
+
+    eos_token_id = 0
+
+    def __init__(self, vocab: int = 64):
+        self.size, self.pieces, self.ids = vocab, ["<eos>"], {"<eos>": 0}
+
+    def id(self, piece: str) -> int:
+        if piece not in self.ids:
+            if len(self.pieces) == self.size:
+                raise ValueError("FakeTok vocabulary is full")
+            self.ids[piece] = len(self.pieces)
+            self.pieces.append(piece)
+        return self.ids[piece]
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        return SimpleNamespace(input_ids=[self.id(p) for p in PIECES.findall(text)])
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [i for i in ids if not (skip_special_tokens and i == 0)]
+        return "".join(self.pieces[i] if i < len(self.pieces) else f"<{i}>" for i in ids)
+
+
+class BigramLM(nn.Module):
+    """logits[t] = table[input_ids[t]]: the next-token distribution depends on the last token only."""
+
+    def __init__(self, table: torch.Tensor, max_positions: int | None = None):
+        super().__init__()
+        self.table = table  # [vocab, vocab]
+        self.config = SimpleNamespace(max_position_embeddings=max_positions)
+        self.seen_lengths: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        self.seen_lengths.append(input_ids.shape[1])
+        return SimpleNamespace(logits=self.table[input_ids])  # [1, seq, vocab]; no cache
+
+
+class ScriptLM(nn.Module):
+    """Writes `script` token by token after a prompt of `prompt_len` tokens, whatever the input."""
+
+    def __init__(self, script: list[int], prompt_len: int, vocab: int = 64):
+        super().__init__()
+        self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
+        self.config = SimpleNamespace(max_position_embeddings=None)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        seq = input_ids.shape[1]
+        logits = torch.zeros(1, seq, self.vocab)
+        for p in range(seq):
+            k = p + 1 - self.prompt_len  # index in the script of the token position p predicts
+            logits[0, p, self.script[k] if 0 <= k < len(self.script) else 0] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    """A data folder with one MMLU subject and a few GSM8K lines, found through $TACQ_LITE_DATA."""
+    for split, n in (("dev", 5), ("val", 3), ("test", 4)):
+        write_csv(tmp_path / "mmlu" / split / f"astronomy_{split}.csv",
+                  [[f"{split} q{i}?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(n)])
+    for split in ("train", "test"):
+        write_jsonl(tmp_path / "gsm8k" / f"{split}.jsonl",
+                    [{"question": f"{split} {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
+                     for i in range(10)])
+    monkeypatch.setenv("TACQ_LITE_DATA", str(tmp_path))
+    return tmp_path
