@@ -24,16 +24,14 @@ def shared_data_dir() -> Path | None:
     """The read-only reference data folder, or None when it is absent.
 
     Looked up in $TACQ_LITE_DATA, then `../shared/data` beside the project checkout, then
-    beside the current folder or any of its parents (notebooks run from `notebooks/`).
+    `shared/data` in the current folder or any of its parents (notebooks run from `notebooks/`).
     """
     if os.environ.get("TACQ_LITE_DATA"):
-        path = Path(os.environ["TACQ_LITE_DATA"])
+        path = Path(os.environ["TACQ_LITE_DATA"]).expanduser()
         return path if path.is_dir() else None
-    for base in (PACKAGE_ROOT, Path.cwd(), *Path.cwd().parents):
-        path = base.parent / "shared" / "data"
-        if path.is_dir():
-            return path
-    return None
+    cwd = Path.cwd().resolve()
+    candidates = [PACKAGE_ROOT.parent / "shared" / "data"] + [d / "shared" / "data" for d in (cwd, *cwd.parents)]
+    return next((path for path in candidates if path.is_dir()), None)
 
 
 @lru_cache(maxsize=4)

@@ -59,7 +59,7 @@ def _atomic_write_dir(final: Path, write) -> None:
 
 
 def _load_embedded(dtype: torch.dtype, use_cache: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
     cached = cache_dir() / f"smollm2-135m-instruct-v{CACHE_FORMAT}"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 from pathlib import Path
 from typing import NamedTuple
+
+from .data import shared_data_dir
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_SPLITS = ("dev", "val", "test")
@@ -74,22 +75,6 @@ class GSM8KItem(NamedTuple):
 
 
 # --------------------------------------------------------------------------- data folder
-
-def shared_data_dir() -> Path | None:
-    """The read-only reference data folder, or None when it is absent.
-
-    Looked up in order: $TACQ_LITE_DATA; `<repo root>/../shared/data` (repo root = parent of
-    the package folder); then `shared/data` beside the current directory or any parent.
-    """
-    if os.environ.get("TACQ_LITE_DATA"):
-        path = Path(os.environ["TACQ_LITE_DATA"]).expanduser()
-        return path if path.is_dir() else None
-    repo_root = Path(__file__).resolve().parent.parent
-    candidates = [repo_root.parent / "shared" / "data"]
-    cwd = Path.cwd().resolve()
-    candidates += [folder / "shared" / "data" for folder in (cwd, *cwd.parents)]
-    return next((path for path in candidates if path.is_dir()), None)
-
 
 def _hub_fallback(dataset: str, config: str, split: str):
     """Rows from the Hugging Face hub when the local folder is missing."""

@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 
 from tacq_lite import data, quant, walk
 from tacq_lite.gptq import GPTQ
