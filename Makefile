@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh clone (Python >= 3.10, CPU is enough):
-#   make demo   installs into .venv and quantizes the embedded model with TaCQ
+#   make demo   installs into .venv, quantizes the embedded model with TaCQ (3 bits + 0.35 %), evaluates it
 #   make test   installs into .venv and runs the whole test suite (unit tests + notebooks)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/tacq-lite quantize --method gptq --bits 3 --n-calib 16 --eval wikitext2 --json demo.json
+	$(VENV)/bin/tacq-lite quantize --method tacq --bits 3 --ratio 0.0035 --n-calib 8 --no-mse --eval wikitext2 --json demo.json
 
 test: install
 	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
