@@ -7,14 +7,6 @@ from tacq_lite.importance import accumulate_gradients
 from tacq_lite.models import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices on a shared 2-core machine: one thread avoids spin-waiting on busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def windows(n=3, T=12, seed=0):
     return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))

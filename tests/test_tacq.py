@@ -12,13 +12,6 @@ WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed
 TOTAL = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny_llama: q, o 64x64; k, v 32x64; mlp 128x64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def counts(monkeypatch):
