@@ -1,6 +1,8 @@
 """`tacq-lite` command line: quantize a model, evaluate it, print a table, write a JSON record.
 
     tacq-lite quantize --method rtn --bits 4 --groupsize 64 --eval wikitext2 --json out.json
+    tacq-lite quantize --method tacq --calib gsm8k --eval gsm8k --no-gsm8k-generate --save q3/
+    tacq-lite eval --load q3/ --eval wikitext2 --prompt "The capital of France is"
 
 Flags map one to one onto `QuantConfig` fields; the JSON record holds the whole config, every
 metric, the bits accounting, seconds per stage and the peak resident memory.
@@ -16,6 +18,31 @@ from .config import METHODS, QuantConfig
 from .records import write_json_atomic
 
 RECORD_VERSION = 1
+TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
+EVALS = ("wikitext2",) + TASK_EVALS
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    d = QuantConfig()
+    p.add_argument("--eval", dest="evals", action="append", default=[],
+                   help=f"one of {', '.join(EVALS)} or a text file (perplexity); repeatable")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="token cap per perplexity set")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration / perplexity window")
+    p.add_argument("--mmlu-subjects", type=_names, default=d.mmlu_subjects,
+                   help="comma-separated MMLU subjects (default: all 57)")
+    p.add_argument("--mmlu-limit", type=int, default=d.mmlu_limit, help="MMLU test questions per subject")
+    p.add_argument("--gsm8k-limit", type=int, default=d.gsm8k_limit, help="GSM8K test questions")
+    p.add_argument("--gsm8k-max-new-tokens", type=int, default=d.gsm8k_max_new_tokens)
+    p.add_argument("--no-gsm8k-generate", dest="gsm8k_generate", action="store_false",
+                   help="GSM8K answer NLL only, no generation (much faster on CPU)")
+    p.add_argument("--synthetic-limit", type=int, default=d.synthetic_limit, help="items per synthetic task")
+    p.add_argument("--no-kl", dest="kl", action="store_false", help="skip KL to full precision (saves memory)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the JSON record here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
@@ -26,9 +53,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groupsize", type=int, default=d.groupsize, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
     p.add_argument("--no-mse", dest="mse", action="store_false", help="plain min/max range, no MSE grid search")
-    p.add_argument("--calib", default=d.calib, help="'wikitext2' or a text file")
-    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window")
+    p.add_argument("--calib", default=d.calib,
+                   help="'wikitext2' or a text file (all tokens scored); 'mmlu', 'gsm8k', 'synthetic:<task>' or a "
+                        "JSONL with prompt/answer fields (TaCQ's gradients on answer tokens only)")
+    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration windows (task data: samples)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--blocksize", type=int, default=d.blocksize, help="GPTQ lazy-batch block size")
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="GPTQ damping, fraction of mean diag(H)")
@@ -36,12 +64,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", default=d.selector, help="TaCQ: score that picks the kept weights")
     p.add_argument("--ratio", type=float, default=d.ratio, help="TaCQ: fraction of weights kept in 16-bit")
     p.add_argument("--qw-method", default=d.qw_method, choices=("gptq", "rtn"), help="TaCQ: how Q(W) is made")
-    p.add_argument("--eval", dest="evals", action="append", default=[], help="'wikitext2' or a text file; repeatable")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="token cap per eval set")
-    p.add_argument("--no-kl", dest="kl", action="store_false", help="skip KL to full precision (saves memory)")
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the JSON record here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--save", default=None, help="save the quantized model here, packed (load it with `eval --load`)")
+    p.add_argument("--overwrite", action="store_true", help="--save may replace a tacq_lite model saved there")
+    _add_eval_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -55,43 +81,113 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_quantize(config: QuantConfig, *, progress: bool = True, log=print) -> dict:
-    """Load, calibrate, quantize and evaluate as `config` says; return the JSON record."""
+def check_evals(evals) -> None:
+    """Fail before any long work on an eval name that is neither known nor an existing file."""
+    from pathlib import Path
+
+    for name in evals:
+        if name not in EVALS and not Path(name).expanduser().is_file():
+            raise ValueError(f"--eval {name!r} is neither one of {', '.join(EVALS)} nor an existing text file.")
+
+
+def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, progress: bool = True,
+              log=print) -> tuple[dict, dict]:
+    """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s})."""
+    from . import data
+    from .eval import evaluate_lm
+
+    check_evals(config.evals)
+    metrics, seconds = {}, {}
+    for name in config.evals:
+        t = time.perf_counter()
+        if name == "mmlu":
+            from .benchmarks import mmlu_eval
+
+            r = mmlu_eval(model, tok, subjects=list(config.mmlu_subjects) or None, max_per_subject=config.mmlu_limit,
+                          progress=progress)
+            metrics[name] = {"accuracy": r.overall, "letter_nll": r.letter_nll, "categories": r.categories,
+                             "subjects": r.subjects, "n": sum(r.counts.values())}
+        elif name == "gsm8k":
+            from .benchmarks import gsm8k_eval
+
+            r = gsm8k_eval(model, tok, limit=config.gsm8k_limit, max_new_tokens=config.gsm8k_max_new_tokens,
+                           generate=config.gsm8k_generate, progress=progress)
+            metrics[name] = {"accuracy": r.accuracy, "nll": r.nll, "n": r.n,
+                             "generations": [g.generation for g in r.records[:3]] if config.gsm8k_generate else []}
+        elif name == "synthetic":
+            from .synthetic import synthetic_eval
+
+            r = synthetic_eval(model, tok, limit=config.synthetic_limit, progress=progress)
+            metrics[name] = {"accuracy": sum(r.accuracy.values()) / len(r.accuracy),
+                             "nll": sum(r.nll.values()) / len(r.nll), "tasks": r.accuracy, "task_nll": r.nll,
+                             "chance": r.chance, "n": r.n}
+        else:  # perplexity (+ KL) on WikiText-2's second half or a text file
+            tokens = (streams or {}).get(name)
+            if tokens is None:
+                tokens = data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
+            log(f"eval {name}: {tokens.numel()} tokens from "
+                f"{data.describe_source(name) if name == data.WIKITEXT2 else name}")
+            m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=reference, progress=progress,
+                            desc=f"eval {name}")
+            metrics[name] = m._asdict()
+        seconds[f"eval_{name}"] = time.perf_counter() - t
+    return metrics, seconds
+
+
+def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: bool = False, progress: bool = True,
+                 log=print) -> dict:
+    """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record."""
     import torch
 
     from . import data
-    from .eval import evaluate_lm
     from .models import load_model
-    from .pipeline import float_copy, quantize_model
+    from .pipeline import bits_report, float_copy, quantize_model
 
+    check_evals(config.evals)
+    if save is not None:
+        from .qlinear import check_save_target
+
+        if config.method == "fp":
+            raise ValueError("--save stores a quantized model; --method fp has nothing to pack.")
+        check_save_target(save, overwrite=overwrite)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, tok = load_model(config.model)
     seconds["load"] = time.perf_counter() - t
-    # Check every eval source before any long work starts.
+    # Check every perplexity source before any long work starts.
     streams = {name: data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
-               for name in config.evals}
-    reference = float_copy(model) if config.kl and config.evals and config.method != "fp" else None
-    windows = None
+               for name in config.evals if name not in TASK_EVALS}
+    reference = float_copy(model) if config.kl and streams and config.method != "fp" else None
+    windows = samples = None
     if config.method in ("gptq", "tacq"):
         t = time.perf_counter()
-        windows = data.calibration_windows(tok, config.calib, n=config.n_calib, seq_len=config.seq_len, seed=config.seed)
+        if data.is_task_calibration(config.calib):
+            windows, samples = data.task_calibration(tok, config.calib, n=config.n_calib, seq_len=config.seq_len,
+                                                     seed=config.seed)
+            log(f"calibration: {len(samples)} {config.calib} prompt/answer samples (loss on answers) for gradients; "
+                f"{windows.shape[0]} x {windows.shape[1]} tokens of the same data for GPTQ")
+        else:
+            windows = data.calibration_windows(tok, config.calib, n=config.n_calib, seq_len=config.seq_len,
+                                               seed=config.seed)
+            log(f"calibration: {config.n_calib} x {config.seq_len} tokens from {data.describe_source(config.calib)}")
         seconds["calib_data"] = time.perf_counter() - t
-        log(f"calibration: {config.n_calib} x {config.seq_len} tokens from {data.describe_source(config.calib)}")
-    result = quantize_model(model, windows, config, progress=progress) if config.method != "fp" else None
+    result = quantize_model(model, windows, config, samples=samples, progress=progress) \
+        if config.method != "fp" else None
     if result is not None:
         seconds.update(result.seconds)
-    from .pipeline import bits_report
-
     report = result.bits if result is not None else bits_report(model, config)
-    metrics = {}
-    for name, tokens in streams.items():
-        log(f"eval {name}: {tokens.numel()} tokens from {data.describe_source(name) if name == data.WIKITEXT2 else name}")
+    saved = None
+    if save is not None:
         t = time.perf_counter()
-        m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=reference, progress=progress, desc=f"eval {name}")
-        seconds[f"eval_{name}"] = time.perf_counter() - t
-        metrics[name] = m._asdict()
+        saved = save_packed(model, tok, result, save, overwrite=overwrite)
+        seconds["save"] = time.perf_counter() - t
+        log(f"saved {save}: {saved['files']['model.safetensors']['bytes'] / 2**20:.1f} MiB, quantized linears "
+            f"{saved['bytes']['bits_per_quantized_weight']:.3f} bits per weight on disk "
+            f"(accounting: {report.avg_bits:.3f})")
+    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
+                                      log=log)
+    seconds.update(eval_seconds)
     record = {
         "record_version": RECORD_VERSION,
         "config": config.to_dict(),
@@ -106,6 +202,8 @@ def run_quantize(config: QuantConfig, *, progress: bool = True, log=print) -> di
         "seconds_total": sum(seconds.values()),
         "peak_rss_mb": peak_rss_mb(),
     }
+    if saved is not None:
+        record["saved"] = {"path": str(save), "bytes": saved["bytes"], "files": saved["files"]}
     if result is not None and result.layer_loss:
         record["layer_loss"] = result.layer_loss
     if result is not None and result.kept:
@@ -115,16 +213,104 @@ def run_quantize(config: QuantConfig, *, progress: bool = True, log=print) -> di
     return record
 
 
+def save_packed(model, tok, result, folder: str, *, overwrite: bool = False) -> dict:
+    """Pack a copy of the fake-quantized `model` into QuantLinears and save it; `model` is untouched."""
+    import copy
+
+    from .qlinear import convert_model, save_quantized
+
+    cfg = result.config
+    packed = convert_model(copy.deepcopy(model), result.grids, bits=cfg.bits, groupsize=cfg.groupsize,
+                           masks=result.masks)
+    info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
+    meta = save_quantized(packed, folder, tokenizer=tok, info=info, overwrite=overwrite)
+    del packed
+    return meta
+
+
+def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str, ...] = (),
+             max_new_tokens: int = 40, progress: bool = True, log=print) -> dict:
+    """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record."""
+    import torch
+
+    from . import data
+    from .models import load_model
+
+    check_evals(config.evals)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    meta = None
+    if load is not None:
+        from .qlinear import load_quantized
+
+        model, tok, meta = load_quantized(load)
+        if tok is None:
+            raise ValueError(f"{load} holds no tokenizer files; re-save it with a tokenizer.")
+        source = meta.get("info", {}).get("config", {}).get("model", config.model)
+    else:
+        model, tok = load_model(config.model)
+        source = None
+    seconds["load"] = time.perf_counter() - t
+    streams = {name: data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
+               for name in config.evals if name not in TASK_EVALS}
+    reference = None
+    if config.kl and streams and source is not None:
+        reference = load_model(source)[0]
+    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
+                                      log=log)
+    seconds.update(eval_seconds)
+    generations = []
+    for prompt in prompts:
+        from .scoring import greedy_generate
+
+        t = time.perf_counter()
+        with torch.no_grad():
+            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens)
+        seconds.setdefault("generate", 0.0)
+        seconds["generate"] += time.perf_counter() - t
+        generations.append({"prompt": prompt, "generation": text})
+        log(f"{prompt}{text}")
+    info = (meta or {}).get("info", {})
+    cfg = info.get("config", {})
+    record = {
+        "record_version": RECORD_VERSION,
+        "config": {**config.to_dict(), **({"loaded": str(load), "quantized_with": cfg} if load else {})},
+        "method": cfg.get("method", "fp") if load else "fp",
+        "bits": cfg.get("bits", 16) if load else 16,
+        "avg_bits": info.get("avg_bits", 16.0) if load else 16.0,
+        "metrics": metrics,
+        "generations": generations,
+        "seconds": seconds,
+        "seconds_total": sum(seconds.values()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if meta is not None:
+        record["saved"] = {"path": str(load), "bytes": meta["bytes"], "files": meta["files"]}
+    return record
+
+
 def format_table(records: list[dict]) -> str:
-    """A plain-text table: method, bits, avg bits, ppl per eval set, KL, seconds."""
-    evals = sorted({name for r in records for name in r["metrics"]})
-    head = ["method", "bits", "avg bits"] + [f"ppl {e}" for e in evals] + ["KL", "seconds"]
+    """A plain-text table: method, bits, avg bits, one column per metric, KL, seconds."""
+    cols: list[tuple[str, str, str]] = []  # (header, eval, key)
+    for e in sorted({name for r in records for name in r["metrics"]}):
+        if e in ("mmlu", "synthetic"):
+            cols += [(f"{e} acc", e, "accuracy"), (f"{e} nll", e, "letter_nll" if e == "mmlu" else "nll")]
+        elif e == "gsm8k":
+            cols += [("gsm8k acc", e, "accuracy"), ("gsm8k nll", e, "nll")]
+        else:
+            cols.append((f"ppl {e}", e, "ppl"))
+    head = ["method", "bits", "avg bits"] + [c[0] for c in cols] + ["KL", "seconds"]
+
+    def cell(r, e, k):
+        v = r["metrics"].get(e, {}).get(k)
+        return "-" if v is None else f"{v:.3f}" if k != "ppl" else f"{v:.2f}"
+
     rows = []
     for r in records:
         kls = [m["kl"] for m in r["metrics"].values() if m.get("kl") is not None]
         rows.append(
             [r["method"], str(r["bits"]), f"{r['avg_bits']:.3f}"]
-            + [f"{r['metrics'][e]['ppl']:.2f}" if e in r["metrics"] else "-" for e in evals]
+            + [cell(r, e, k) for _, e, k in cols]
             + [f"{sum(kls) / len(kls):.4f}" if kls else "-", f"{r['seconds_total']:.1f}"]
         )
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
@@ -135,16 +321,32 @@ def format_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tacq-lite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize a model and evaluate it")
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save it packed")
     _add_quantize_args(q)
+    e = sub.add_parser("eval", help="evaluate / generate from a saved quantized model (--load) or any model")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--load", default=None, help="a folder written by `tacq-lite quantize ... --save`")
+    src.add_argument("--model", default=QuantConfig().model, help="or a float model: 'embedded', an HF id or folder")
+    e.add_argument("--prompt", action="append", default=[], help="generate greedily from this prompt; repeatable")
+    e.add_argument("--max-new-tokens", type=int, default=40)
+    _add_eval_args(e)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        record = run_quantize(config, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, NotImplementedError, KeyError, TypeError) as err:
+        if args.command == "quantize":
+            record = run_quantize(config, save=args.save, overwrite=args.overwrite, progress=not args.quiet)
+        else:
+            if args.max_new_tokens < 1:
+                raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}.")
+            if not config.evals and not args.prompt:
+                raise ValueError("nothing to do: give --eval NAME and/or --prompt TEXT.")
+            record = run_eval(config, load=args.load, prompts=tuple(args.prompt), max_new_tokens=args.max_new_tokens,
+                              progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, TypeError) as err:
         print(f"tacq-lite: error: {err}", file=sys.stderr)
         return 2
-    print(format_table([record]))
+    if record["metrics"]:
+        print(format_table([record]))
     if args.json_path:
         write_json_atomic(args.json_path, record)
         print(f"wrote {args.json_path}")

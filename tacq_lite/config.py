@@ -32,8 +32,14 @@ class QuantConfig:
     ratio: float = 0.0035  # fraction of targeted weights kept in 16-bit (the authors' default)
     qw_method: str = "gptq"  # how Q(W) in |W|·|G|·|Q(W)−W| is made: gptq (as the authors) or rtn
     # evaluation
-    evals: tuple[str, ...] = ()  # "wikitext2" or text files
-    eval_tokens: int = 4096  # cap per eval set, to keep CPU runs short
+    evals: tuple[str, ...] = ()  # "wikitext2", "mmlu", "gsm8k", "synthetic" or text files
+    eval_tokens: int = 4096  # cap per perplexity set, to keep CPU runs short
+    mmlu_subjects: tuple[str, ...] = ()  # () = all 57 subjects
+    mmlu_limit: int = 5  # test questions per subject (the full test set is 14042 questions)
+    gsm8k_limit: int = 20  # test questions (answer NLL on each; generation too unless gsm8k_generate=False)
+    gsm8k_generate: bool = True  # greedy chain-of-thought generation + exact match (slow on CPU)
+    gsm8k_max_new_tokens: int = 128
+    synthetic_limit: int = 20  # eval items per synthetic task
     kl: bool = True  # also measure KL(full precision || quantized); keeps a float copy in memory
     cache_dir: str | None = None  # score cache folder; None = the user cache
 
@@ -48,8 +54,11 @@ class QuantConfig:
             raise ValueError(f"percdamp must be positive, got {self.percdamp}.")
         if self.n_calib < 1 or self.seq_len < 2:
             raise ValueError(f"need n_calib >= 1 and seq_len >= 2, got {self.n_calib}, {self.seq_len}.")
-        if self.eval_tokens < 1:
-            raise ValueError(f"eval_tokens must be positive, got {self.eval_tokens}.")
+        for name in ("eval_tokens", "mmlu_limit", "gsm8k_limit", "gsm8k_max_new_tokens", "synthetic_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if isinstance(self.evals, str) or isinstance(self.mmlu_subjects, str):
+            raise TypeError("evals and mmlu_subjects are tuples of names, e.g. evals=('wikitext2',).")
         from .quant import check_bits
 
         check_bits(self.bits)

@@ -125,3 +125,46 @@ def eval_tokens(tokenizer, name: str = WIKITEXT2, *, max_tokens: int | None = No
             f"seq_len={seq_len}; lower --seq-len or use a longer text."
         )
     return tokens[: tokens.numel() // seq_len * seq_len]
+
+
+# --------------------------------------------------------------------------- task calibration
+
+def is_task_calibration(name: str) -> bool:
+    """Task data (prompt/answer pairs) rather than plain text: mmlu, gsm8k, synthetic:<task>, *.jsonl."""
+    return name in ("mmlu", "gsm8k") or name.startswith("synthetic:") or Path(name).suffix == ".jsonl"
+
+
+def task_calibration(tokenizer, name: str, *, n: int, seq_len: int, seed: int = 0):
+    """Calibration from task data: (windows LongTensor [m, seq_len], samples).
+
+    samples: n (input_ids [T], loss_mask [T]) pairs for the gradient pass; the mask marks the
+    answer tokens, so the loss (and TaCQ's G) is taken on answers only. windows: GPTQ's
+    calibration, the same pairs (then further ones, while the pool lasts) joined end to end
+    with the EOS token between them and cut into up to n windows of seq_len tokens.
+    """
+    from .scoring import split_ids
+    from .tasks import calibration_pairs
+
+    if n < 1 or seq_len < 2:
+        raise ValueError(f"need n >= 1 and seq_len >= 2, got n={n}, seq_len={seq_len}.")
+    pool = calibration_pairs(name, n=n + n * seq_len // 32, seed=seed)  # >= 32 tokens a pair fills the windows
+    samples, stream = [], []
+    eos = tokenizer.eos_token_id
+    for i, pair in enumerate(pool):
+        ids, start = split_ids(tokenizer, pair.prompt, pair.answer)
+        if i < n:
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            mask = torch.zeros_like(ids_t, dtype=torch.bool)
+            mask[start:] = True
+            samples.append((ids_t, mask))
+        stream.extend(ids + ([eos] if eos is not None else []))
+        if i + 1 >= n and len(stream) >= n * seq_len:
+            break
+    m = min(n, len(stream) // seq_len)
+    if m == 0:
+        raise ValueError(
+            f"The calibration set {name!r} holds {len(stream)} tokens in all, fewer than one window of "
+            f"seq_len={seq_len}; lower --seq-len."
+        )
+    windows = torch.tensor(stream[: m * seq_len], dtype=torch.long).reshape(m, seq_len)
+    return windows, samples

@@ -19,7 +19,7 @@ from torch import nn
 from . import walk
 from .bits import BitsReport, average_bits
 from .config import QuantConfig
-from .quant import quantize_dequantize
+from .quant import dequantize, find_params, quantize
 
 
 @dataclass
@@ -31,6 +31,9 @@ class QuantizeResult:
     kept: dict[str, int] = field(default_factory=dict)  # linear -> kept weights (TaCQ)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> bool [rows, cols] (TaCQ)
     info: dict = field(default_factory=dict)  # TaCQ: cache hits, backward passes, seconds per sample
+    # linear -> (scale, zero), each fp32 [rows, n_groups]: the grid the weights were rounded to,
+    # which `qlinear.QuantLinear.from_linear` needs to pack the codes.
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -48,14 +51,16 @@ def bits_report(model: nn.Module, config: QuantConfig, kept: dict[str, int] | No
 
 
 @torch.no_grad()
-def rtn_quantize(model: nn.Module, config: QuantConfig) -> None:
-    """Round-to-nearest every targeted linear in place."""
-    walk.apply_to_linears(
-        model,
-        lambda _name, W: quantize_dequantize(
-            W, bits=config.bits, sym=config.sym, groupsize=config.groupsize, mse=config.mse
-        ),
-    )
+def rtn_quantize(model: nn.Module, config: QuantConfig, *, grids_out: dict | None = None) -> None:
+    """Round-to-nearest every targeted linear in place; grids_out (if given) gets {linear: (scale, zero)}."""
+
+    def rtn(name: str, W: torch.Tensor) -> torch.Tensor:
+        scale, zero = find_params(W, bits=config.bits, sym=config.sym, groupsize=config.groupsize, mse=config.mse)
+        if grids_out is not None:
+            grids_out[name] = (scale, zero)
+        return dequantize(quantize(W, scale, zero, bits=config.bits), scale, zero).to(W.dtype)
+
+    walk.apply_to_linears(model, rtn)
 
 
 @torch.no_grad()
@@ -66,6 +71,7 @@ def gptq_quantize(
     *,
     masks: dict[str, torch.Tensor] | None = None,
     stats_out: dict[str, dict[str, torch.Tensor]] | None = None,
+    grids_out: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """True-sequential GPTQ in place; returns {linear: GPTQ loss}.
@@ -73,6 +79,7 @@ def gptq_quantize(
     masks: {linear: bool [rows, cols]} of weights to keep exact (TaCQ's second pass).
     stats_out: if given, filled with {linear: {"H_diag": [cols], "Hinv_diag": [cols]}} for the
     Hessian- and activation-based selectors.
+    grids_out: if given, filled with {linear: (scale, zero)}, the grid of each quantized linear.
     """
     from .gptq import GPTQ
 
@@ -88,6 +95,8 @@ def gptq_quantize(
         )
         linear.weight.data.copy_(res.W_hat.to(linear.weight.dtype))
         losses[name] = res.loss
+        if grids_out is not None:
+            grids_out[name] = (res.scale, res.zero)
         if stats_out is not None:
             stats_out[name] = {"H_diag": H_diag, "Hinv_diag": res.Hinv_diag}
 
@@ -100,21 +109,26 @@ def quantize_model(
     windows: torch.Tensor,
     config: QuantConfig,
     *,
+    samples=None,
     progress: bool = True,
 ) -> QuantizeResult:
-    """Quantize `model` in place with config.method; windows: LongTensor [n, seq_len]."""
+    """Quantize `model` in place with config.method; windows: LongTensor [n, seq_len] (GPTQ's data).
+
+    samples: TaCQ's gradient samples, (input_ids [T], loss_mask [T]) pairs for task data
+    (`data.task_calibration`); None = the windows, loss on every token.
+    """
     result = QuantizeResult(config=config, bits=bits_report(model, config))
     start = time.perf_counter()
     if config.method == "rtn":
-        rtn_quantize(model, config)
+        rtn_quantize(model, config, grids_out=result.grids)
         result.seconds["quantize"] = time.perf_counter() - start
     elif config.method == "gptq":
-        result.layer_loss = gptq_quantize(model, windows, config, progress=progress)
+        result.layer_loss = gptq_quantize(model, windows, config, grids_out=result.grids, progress=progress)
         result.seconds["gptq"] = time.perf_counter() - start
     elif config.method == "tacq":
         from .tacq import tacq_quantize
 
-        result.info = tacq_quantize(model, windows, config, result, progress=progress)
+        result.info = tacq_quantize(model, windows, config, result, samples=samples, progress=progress)
         result.bits = bits_report(model, config, kept=result.kept)
     return result
 

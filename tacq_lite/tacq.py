@@ -217,7 +217,7 @@ def build_masks(inputs: ImportanceInputs, *, selector: str, ratio: float, seed: 
     return {n: m.to(inputs.W[n].device) for n, m in masks.items()}
 
 
-def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, result, *,
+def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, result, *, samples=None,
                   progress: bool = True, cache: bool = True) -> dict:
     """Steps 1-5 in place on `model`; fills result.masks/kept/layer_loss/seconds, returns info."""
     scores.get_selector(config.selector)  # a typo fails before any long work
@@ -227,7 +227,7 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
         masks, inputs_meta = {}, {"seconds": {"qw": 0.0, "gradients": 0.0}}
         result.seconds["score"] = 0.0
     else:
-        inputs = compute_importance(model, windows, config, progress=progress, cache=cache)
+        inputs = compute_importance(model, windows, config, samples=samples, progress=progress, cache=cache)
         t = time.perf_counter()
         masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
         result.seconds["score"] = time.perf_counter() - t
@@ -235,7 +235,8 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
         del inputs  # W, G and Q(W) copies are not needed by the final pass
     result.seconds.update(inputs_meta["seconds"])
     t = time.perf_counter()
-    result.layer_loss = pipeline.gptq_quantize(model, windows, config, masks=masks, progress=progress)
+    result.layer_loss = pipeline.gptq_quantize(model, windows, config, masks=masks, grids_out=result.grids,
+                                               progress=progress)
     result.seconds["gptq"] = time.perf_counter() - t
     result.masks = masks
     result.kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}

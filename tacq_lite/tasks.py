@@ -226,7 +226,8 @@ def _mmlu_pairs(n: int, rng: random.Random) -> list[TaskSample]:
 
 
 def _gsm8k_pairs(n: int, rng: random.Random) -> list[TaskSample]:
-    picked = rng.sample(load_gsm8k("train"), n)
+    train = load_gsm8k("train")
+    picked = rng.sample(train, min(n, len(train)))
     return [TaskSample(gsm8k_prompt(item.question, []), " " + clean_solution(item.answer)) for item in picked]
 
 

@@ -62,6 +62,15 @@ def named_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` (e.g. a linear by a QuantLinear)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not hasattr(parent, leaf):
+        raise KeyError(f"{type(model).__name__} has no submodule {name!r}.")
+    setattr(parent, leaf, module)
+
+
 @torch.no_grad()
 def apply_to_linears(model: nn.Module, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Replace each targeted weight W by fn(name, W) (same shape), in place."""

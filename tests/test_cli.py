@@ -20,7 +20,7 @@ def test_config_rejects_bad_values():
 @pytest.mark.parametrize("argv, message", [
     (["--bits", "5"], "bits=5"),
     (["--blocksize", "0"], "blocksize"),
-    (["--eval", "/no/such/file.txt"], "does not exist"),
+    (["--eval", "/no/such/file.txt"], "nor an existing text file"),
 ])
 def test_bad_input_exits_with_a_clear_message(argv, message, capsys):
     assert cli.main(["quantize", "--method", "rtn", "--quiet", *argv]) == 2
@@ -53,3 +53,61 @@ def test_rtn_run_writes_the_record(tmp_path):
     assert rec["config"]["groupsize"] == 64 and rec["avg_bits"] == pytest.approx(4.5)
     assert m["n_tokens"] == 2 * 127 and m["kl"] > 0 and m["ppl"] > m["ref_ppl"] * 0.9
     assert rec["peak_rss_mb"] > 100 and "load" in rec["seconds"]
+
+
+@pytest.mark.slow
+def test_tacq_save_load_generate_end_to_end(tmp_path):
+    """Embedded model -> TaCQ -> packed save -> load into QuantLinears -> same perplexity, generates."""
+    from tacq_lite import models
+    from tacq_lite.pack import packed_cols
+
+    try:
+        models.embedded_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    text = tmp_path / "text.txt"
+    text.write_text("The history of the city begins with a small harbour and a market by the river. " * 80)
+    common = ["--eval", str(text), "--eval-tokens", "256", "--seq-len", "128", "--quiet"]
+    rc = cli.main(["quantize", "--method", "tacq", "--bits", "3", "--ratio", "0.0035", "--no-mse", "--n-calib", "2",
+                   "--calib", str(text), "--cache-dir", str(tmp_path / "cache"), "--save", str(tmp_path / "q3"),
+                   "--json", str(tmp_path / "a.json"), *common])
+    assert rc == 0
+    rc = cli.main(["eval", "--load", str(tmp_path / "q3"), "--prompt", "The capital of France is",
+                   "--max-new-tokens", "8", "--json", str(tmp_path / "b.json"), *common])
+    assert rc == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    fake, packed = a["metrics"][str(text)], b["metrics"][str(text)]
+    # Same weights up to one fp16 rounding of scales and kept values.
+    assert packed["ppl"] == pytest.approx(fake["ppl"], rel=2e-3)
+    assert packed["ref_ppl"] == pytest.approx(fake["ref_ppl"], rel=1e-6)  # KL reference: the float model again
+    assert b["avg_bits"] == pytest.approx(a["avg_bits"]) and b["method"] == "tacq"
+    assert len(b["generations"][0]["generation"]) > 0
+    # The packed size is the accounting plus exactly its stated overheads: 3-bit codes padded to
+    # 10 per int32 word, and the CSR row offsets (int32 per row + 1).
+    layers = json.loads((tmp_path / "q3" / "tacq_lite.json").read_text())["layers"]
+    disk_bits = 8 * a["saved"]["bytes"]["quantized_linears"]
+    padding = sum(L["out_features"] * (32 * packed_cols(L["in_features"], bits=3) - 3 * L["in_features"])
+                  for L in layers.values())
+    row_ptr = sum(32 * (L["out_features"] + 1) for L in layers.values())
+    assert disk_bits == pytest.approx(a["avg_bits"] * a["n_weights"] + padding + row_ptr, abs=0.5)
+    assert sum(L["nnz"] for L in layers.values()) == a["n_kept"] > 0
+
+
+def test_save_target_is_checked_before_work(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("mine")
+    assert cli.main(["quantize", "--method", "rtn", "--quiet", "--save", str(tmp_path)]) == 2
+    assert "not a tacq_lite model" in capsys.readouterr().err
+    assert cli.main(["quantize", "--method", "fp", "--quiet", "--save", str(tmp_path / "new")]) == 2
+    assert "nothing to pack" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--eval", "nope"], "neither one of"),
+    (["eval"], "nothing to do"),
+    (["eval", "--load", "/no/such/dir", "--eval", "wikitext2"], "tacq_lite.json"),
+    (["eval", "--mmlu-limit", "0", "--eval", "mmlu"], "mmlu_limit must be a positive"),
+    (["quantize", "--eval", "mmlux"], "neither one of"),
+])
+def test_eval_bad_input(argv, message, capsys):
+    assert cli.main([*argv, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
