@@ -63,3 +63,12 @@ def test_04_outlier_masking(tmp_path):
     assert p["3bit_g-1_tacq_0.0035"] < p["3bit_g-1_none_0.0"]
     assert p["3bit_g-1_tacq_0.0035"] < p["3bit_g-1_random_0.0035"]
     assert 3.1 < r["avg_bits"]["3bit_g-1_0.0035"] < 3.2  # ~3.1 bits, as the paper says
+
+
+@pytest.mark.slow
+def test_05_triton_dequant_kernels(tmp_path):
+    r = run("05_triton_dequant_kernels.ipynb", tmp_path, bits=2, rows=20, cols=90, model_bits=4, model_groupsize=64)
+    assert r["bits"] == 2 and r["kernel_matches"] and r["gemv_err"] < 1e-4
+    assert r["loaded_equal"] and "Paris" in r["generation"]
+    # 4-bit codes fill their words: on disk = accounting + the CSR row offsets only (~0.05 bits)
+    assert 0 < r["disk_bits"] - r["accounting_bits"] < 0.06
