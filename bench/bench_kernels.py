@@ -11,6 +11,7 @@ smaller shape and says that GPU figures were not measured.
 
     python bench/bench_kernels.py            # picks CUDA when present
     python bench/bench_kernels.py --cpu      # force the CPU reference measurement
+    python bench/bench_kernels.py --model    # the embedded model: float vs packed QuantLinear on CPU
 """
 from __future__ import annotations
 
@@ -104,6 +105,40 @@ def bench_cpu(rows: int, cols: int, groupsize: int, reps: int) -> None:
     print("it exists for correctness and storage accounting, not speed.")
 
 
+def bench_model(bits: int, groupsize: int, reps: int) -> None:
+    """The embedded model, float vs packed (QuantLinear, torch reference on CPU): speed and bytes."""
+    import copy
+    import resource
+
+    from tacq_lite import load_model, walk
+    from tacq_lite.config import QuantConfig
+    from tacq_lite.pipeline import rtn_quantize
+    from tacq_lite.qlinear import convert_model, quant_linears
+
+    model, tok = load_model()
+    packed = copy.deepcopy(model)
+    grids: dict = {}
+    rtn_quantize(packed, QuantConfig(method="rtn", bits=bits, groupsize=groupsize, mse=False), grids_out=grids)
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(m.weight.shape, generator=gen) < KEPT_FRAC for n, m in walk.named_linears(packed).items()}
+    convert_model(packed, grids, bits=bits, groupsize=groupsize, masks=masks)
+    lin_float = sum(m.weight.numel() * 4 for m in walk.named_linears(model).values())
+    lin_packed = sum(q.nbytes() for q in quant_linears(packed).values())
+    ids = torch.randint(0, tok.vocab_size, (1, 256), generator=gen)
+    one = ids[:, :1]
+    print(f"## CPU: the embedded model, {bits}-bit g{groupsize} + {KEPT_FRAC:.2%} kept, "
+          f"{torch.get_num_threads()} threads, median of {reps}\n")
+    print("| model | decoder linears MiB | forward 256 tokens ms | tokens/s | one-token forward ms |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for name, m, nbytes in (("float32 (nn.Linear)", model, lin_float), ("packed (QuantLinear)", packed, lin_packed)):
+            t_seq = median_ms(lambda: m(ids), reps)
+            t_one = median_ms(lambda: m(one), reps)
+            print(f"| {name} | {nbytes / 2**20:.1f} | {t_seq:.0f} | {256 / t_seq * 1e3:.0f} | {t_one:.1f} |")
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+          "(both models resident; the packed one decodes each linear to fp32 on every call)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="measure the CPU reference even if CUDA is present")
@@ -111,8 +146,13 @@ def main() -> None:
     ap.add_argument("--cpu-rows", type=int, default=2048)
     ap.add_argument("--cpu-cols", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--model", action="store_true", help="time the embedded model, float vs packed QuantLinear")
+    ap.add_argument("--bits", type=int, default=3, help="--model: bits")
+    ap.add_argument("--model-groupsize", type=int, default=64, help="--model: group size (128 does not divide 576)")
     args = ap.parse_args()
-    if torch.cuda.is_available() and not args.cpu:
+    if args.model:
+        bench_model(args.bits, args.model_groupsize, args.reps)
+    elif torch.cuda.is_available() and not args.cpu:
         bench_gpu(args.groupsize)
     else:
         bench_cpu(args.cpu_rows, args.cpu_cols, args.groupsize, args.reps)

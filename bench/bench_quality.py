@@ -3,6 +3,7 @@
     python bench/bench_quality.py rtn   --eval-tokens 8192
     python bench/bench_quality.py gptq  --n-calib 64 --seq-len 512
     python bench/bench_quality.py tacq  --n-calib 64 --seq-len 512
+    python bench/bench_quality.py selectors --eval-tokens 4096     # 11 rows, about an hour on one core
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -29,6 +30,14 @@ SUITES = {
         for b, g in ((3, -1), (2, 64))
         for r in (0.0035, 0.01)
         for s in ("tacq", "magnitude", "gradient", "qal", "msg", "fisher", "hessian", "activation", "owq_columns", "random")
+    ],
+    # The selector table at CPU cost: 3-bit per channel, 0.35 %, min/max grids (no MSE search), every
+    # selector. hessian first (its Q(W) pass also records the Hessian diagonals), fisher second (its
+    # gradient pass also records the squares): every later selector reads both from the score cache.
+    "selectors": [dict(method="gptq", bits=3, groupsize=-1, mse=False)] + [
+        dict(method="tacq", bits=3, groupsize=-1, mse=False, selector=s, ratio=0.0035)
+        for s in ("hessian", "fisher", "tacq", "magnitude", "gradient", "qal", "msg", "activation", "owq_columns",
+                  "random")
     ],
 }
 

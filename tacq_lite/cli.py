@@ -330,7 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--prompt", action="append", default=[], help="generate greedily from this prompt; repeatable")
     e.add_argument("--max-new-tokens", type=int, default=40)
     _add_eval_args(e)
+    w = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill, collect one table")
+    w.add_argument("-p", "--param", action="append", default=[], metavar="NAME=V1,V2",
+                   help="a grid axis, e.g. -p bits=2,3 -p ratio=0,0.0035; repeatable")
+    w.add_argument("--grid", default=None, help="a YAML file mapping parameter names to lists of values")
+    w.add_argument("--notebook", default=None, help="notebook to run (default: notebooks/07_end_to_end.ipynb)")
+    w.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+    w.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    st = sub.add_parser("student", help="write student copies of the notebooks, solutions removed")
+    st.add_argument("notebooks", nargs="*", help="notebooks (default: every notebook in notebooks/ with exercises)")
+    st.add_argument("--out", required=True, help="folder for the student copies")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "student":
+        return _student(args)
     try:
         config = config_from_args(args)
         if args.command == "quantize":
@@ -351,6 +365,44 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.json_path, record)
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _student(args) -> int:
+    from pathlib import Path
+
+    from .exercises import make_student_copies
+    from .sweep import PACKAGE_ROOT
+
+    notebooks = args.notebooks or sorted((PACKAGE_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    try:
+        missing = [str(n) for n in notebooks if not Path(n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no such notebook: {', '.join(missing)}")
+        counts = make_student_copies(notebooks, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"tacq-lite: error: {err}", file=sys.stderr)
+        return 2
+    if not counts:
+        print("tacq-lite: error: none of these notebooks holds an exercise cell.", file=sys.stderr)
+        return 2
+    for name, n in counts.items():
+        print(f"{args.out}/{name}: {n} exercise{'s' if n != 1 else ''}, solutions removed")
+    return 0
+
+
+def _sweep(args) -> int:
+    from . import sweep
+
+    try:
+        if args.grid and args.param:
+            raise sweep.SweepError("give the grid either with -p or with --grid, not both.")
+        grid = sweep.read_grid_file(args.grid) if args.grid else sweep.parse_grid(args.param) if args.param else None
+        rows = sweep.run_sweep(grid, out_dir=args.out, notebook=args.notebook or sweep.DEFAULT_NOTEBOOK,
+                               kernel=args.kernel)
+    except sweep.SweepError as err:
+        print(f"tacq-lite: error: {err}", file=sys.stderr)
+        return 2
+    return 0 if all(r["status"] == "done" for r in rows) else 1
 
 
 if __name__ == "__main__":

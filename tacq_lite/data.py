@@ -130,8 +130,8 @@ def eval_tokens(tokenizer, name: str = WIKITEXT2, *, max_tokens: int | None = No
 # --------------------------------------------------------------------------- task calibration
 
 def is_task_calibration(name: str) -> bool:
-    """Task data (prompt/answer pairs) rather than plain text: mmlu, gsm8k, synthetic:<task>, *.jsonl."""
-    return name in ("mmlu", "gsm8k") or name.startswith("synthetic:") or Path(name).suffix == ".jsonl"
+    """Task data (prompt/answer pairs) rather than plain text: mmlu, gsm8k, synthetic[:<task>], *.jsonl."""
+    return name in ("mmlu", "gsm8k", "synthetic") or name.startswith("synthetic:") or Path(name).suffix == ".jsonl"
 
 
 def task_calibration(tokenizer, name: str, *, n: int, seq_len: int, seed: int = 0):

@@ -235,7 +235,8 @@ def calibration_pairs(name: str, *, n: int, seed: int = 0) -> list[TaskSample]:
     """n (prompt, answer) pairs from the task's calibration split, drawn with `seed`.
 
     name: "mmlu" (dev+val questions, answer " X"), "gsm8k" (train question -> solution),
-    "synthetic:<task>" (the generator's calibration seed, disjoint from its eval items), or
+    "synthetic:<task>" (the generator's calibration seed, disjoint from its eval items),
+    "synthetic" (the calibration items of every synthetic task, mixed), or
     a path to a JSONL file with "prompt" and "answer" fields.
     """
     if n <= 0:
@@ -245,6 +246,11 @@ def calibration_pairs(name: str, *, n: int, seed: int = 0) -> list[TaskSample]:
         return _mmlu_pairs(n, rng)
     if name == "gsm8k":
         return _gsm8k_pairs(n, rng)
+    if name == "synthetic":  # every synthetic task's calibration items, mixed
+        from tacq_lite.synthetic import TASKS, synthetic_samples
+
+        pairs = [p for t in TASKS for p in synthetic_samples(t, split="calib")]
+        return rng.sample(pairs, min(n, len(pairs)))
     if name.startswith("synthetic:"):
         from tacq_lite.synthetic import synthetic_samples
 
@@ -257,5 +263,5 @@ def calibration_pairs(name: str, *, n: int, seed: int = 0) -> list[TaskSample]:
         return rng.sample(pairs, min(n, len(pairs)))
     from tacq_lite.synthetic import TASKS
 
-    choices = ["mmlu", "gsm8k"] + [f"synthetic:{t}" for t in TASKS] + ["<path to a .jsonl with prompt/answer>"]
+    choices = ["mmlu", "gsm8k", "synthetic"] + [f"synthetic:{t}" for t in TASKS] + ["<path to a .jsonl with prompt/answer>"]
     raise ValueError(f"Unknown calibration task {name!r}; choose one of: {', '.join(choices)}.")

@@ -72,3 +72,59 @@ def test_05_triton_dequant_kernels(tmp_path):
     assert r["loaded_equal"] and "Paris" in r["generation"]
     # 4-bit codes fill their words: on disk = accounting + the CSR row offsets only (~0.05 bits)
     assert 0 < r["disk_bits"] - r["accounting_bits"] < 0.06
+
+
+@pytest.mark.slow
+def test_06_evaluation(tmp_path):
+    r = run("06_evaluation.ipynb", tmp_path, evals=["wikitext2", "synthetic"], synthetic_limit=3, n_task=8,
+            n_calib=4, seq_len=64, eval_tokens=512)
+    res = r["results"]
+    assert list(res) == ["full precision", "RTN", "GPTQ", "TaCQ general", "TaCQ task"]
+    fp = res["full precision"]
+    assert fp["synthetic"]["accuracy"] > 0.5  # well above chance in full precision
+    for m in ("RTN", "GPTQ", "TaCQ general", "TaCQ task"):
+        assert res[m]["wikitext2"]["ppl"] > fp["wikitext2"]["ppl"] and res[m]["wikitext2"]["kl"] > 0
+    assert r["n_kept"]["TaCQ general"] == r["n_kept"]["TaCQ task"] > 0  # same budget, different samples
+    assert 0 < r["jaccard"] < 1
+
+
+@pytest.mark.slow
+def test_07_end_to_end_and_a_sweep(tmp_path):
+    from tacq_lite import sweep
+
+    save = tmp_path / "saved"
+    r = run("07_end_to_end.ipynb", tmp_path, method="gptq", n_calib=2, seq_len=64, evals=["wikitext2"],
+            eval_tokens=512, save_dir=str(save))
+    assert r["method"] == "gptq" and r["metrics"]["wikitext2"]["ppl"] > r["fp_metrics"]["wikitext2"]["ppl"]
+    assert r["saved_mib"] > 0 and (save / "tacq_lite.json").is_file()
+    # The sweep drives the same notebook: two runs, one table, and part 2 plots it.
+    rows = sweep.run_sweep({"method": ["rtn", "fp"], "evals": [["wikitext2"]], "eval_tokens": [512]},
+                           out_dir=tmp_path / "sw", notebook=NOTEBOOKS / "07_end_to_end.ipynb", log=lambda *_: None)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert rows[0]["avg_bits"] < 4 and rows[1]["avg_bits"] == 16
+    r2 = run("07_end_to_end.ipynb", tmp_path, method="fp", evals=["wikitext2"], eval_tokens=512,
+             sweep_table=str(tmp_path / "sw" / "results.csv"))
+    assert r2["method"] == "fp"
+
+
+@pytest.mark.slow
+def test_student_copies_run_and_report(tmp_path):
+    from tacq_lite.exercises import make_student_copies
+
+    names = ["01_uniform_quantization.ipynb", "02_gptq.ipynb", "03_contrastive_importance.ipynb",
+             "05_triton_dequant_kernels.ipynb"]
+    counts = make_student_copies(sorted(NOTEBOOKS.glob("0*.ipynb")), tmp_path / "student")
+    assert counts == {n: 1 for n in names}  # exactly the notebooks with exercises
+    for n in names:
+        text = (tmp_path / "student" / n).read_text()
+        assert "BEGIN SOLUTION" not in text and "exercise: write this part" in text
+    for name, params in (("05_triton_dequant_kernels.ipynb", dict(rows=20, cols=90, model_bits=4, model_groupsize=64)),
+                         ("01_uniform_quantization.ipynb", dict(ppl_bits=[8], groupsizes=[-1], eval_tokens=512,
+                                                                seq_len=256))):
+        out = tmp_path / f"ran_{name}"
+        with pytest.raises(papermill.PapermillExecutionError) as err:
+            papermill.execute_notebook(str(tmp_path / "student" / name), str(out), cwd=str(NOTEBOOKS),
+                                       parameters={**params, "results_path": str(tmp_path / f"{name}.json")},
+                                       kernel_name="python3", progress_bar=False)
+        assert err.value.ename == "ExerciseError" and "not written yet" in err.value.evalue
+        assert (tmp_path / f"{name}.json").is_file()  # the copy ran to its last cell despite the failing check

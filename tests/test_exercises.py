@@ -1,0 +1,161 @@
+import nbformat
+import pytest
+import torch
+
+from tacq_lite import exercises as ex
+from tacq_lite import pack, quant
+
+
+# ------------------------------------------------------------------ the reference solutions pass
+
+
+def test_reference_solutions_pass(capsys):
+    ex.check_rtn_params(lambda W, bits: quant.find_params(W, bits=bits))
+    ex.check_gptq_update(ex.gptq_update_reference)
+    ex.check_tacq_score(ex.tacq_score_reference)
+    ex.check_pack3(lambda c: pack.pack(c, bits=3))
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+# ------------------------------------------------------------------ each usual mistake is named
+
+
+def _rtn(levels_minus=1, rounded=True, sign=1, keepdim=True):
+    def fn(W, bits):
+        lo = W.min(1, keepdim=keepdim).values
+        hi = W.max(1, keepdim=keepdim).values
+        scale = (hi - lo) / (2**bits - levels_minus)
+        zero = sign * -lo / scale
+        return scale, torch.round(zero) if rounded else zero
+    return fn
+
+
+@pytest.mark.parametrize("fn, message", [
+    (_rtn(levels_minus=0), "2\\*\\*bits = 8 levels"),
+    (_rtn(rounded=False), "not rounded"),
+    (_rtn(sign=-1), "wrong sign"),
+    (_rtn(keepdim=False), "shape \\(6,\\), expected \\(6, 1\\)"),
+    (lambda W, bits: None, "return a pair"),
+    (lambda W, bits: (None, None), "scale is None"),
+    (lambda W, bits: 1 / 0, "raised ZeroDivisionError"),
+])
+def test_rtn_mistakes(fn, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_rtn_params(fn)
+
+
+def _gptq(kind):
+    def fn(W, Hinv, j, q):
+        err = (W[:, j] - q) / Hinv[j, j]
+        W = W.clone()
+        if kind == "plus":
+            W[:, j + 1:] += err[:, None] * Hinv[j, j + 1:]
+        elif kind == "nodiv":
+            W[:, j + 1:] -= (W[:, j] - q)[:, None] * Hinv[j, j + 1:]
+        elif kind == "column":
+            W[:, j + 1:] -= err[:, None] * Hinv[j + 1:, j]
+        elif kind == "noop":
+            return W
+        W[:, j] = q
+        return W
+    return fn
+
+
+@pytest.mark.parametrize("kind, message", [("plus", "sign error"), ("nodiv", "not divided by Hinv"),
+                                           ("column", "row Hinv\\[j, j\\+1:\\]"), ("noop", "unchanged")])
+def test_gptq_mistakes(kind, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_gptq_update(_gptq(kind))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda W, G, QW: W * G * (QW - W), "negative"),
+    (lambda W, G, QW: G * (QW - W).abs(), "`qal`"),
+    (lambda W, G, QW: W.abs() * G, "`msg`"),
+    (lambda W, G, QW: W.abs() * G ** 2 * (QW - W).abs(), "Fisher"),
+    (lambda W, G, QW: (W.abs() * G * (QW - W).abs()).sum(1), "shape"),
+])
+def test_tacq_score_mistakes(fn, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_tacq_score(fn)
+
+
+def _pack(per=10, reverse=False, ceil=True):
+    def fn(codes):
+        rows, cols = codes.shape
+        words = -(-cols // per) if ceil else cols // per
+        q = torch.zeros(rows, -(-cols // per) * per, dtype=torch.int64)
+        q[:, :cols] = codes.long()
+        q = q[:, : words * per]
+        shifts = 3 * (torch.arange(per - 1, -1, -1) if reverse else torch.arange(per))
+        acc = (q.reshape(rows, words, per) << shifts).sum(-1)
+        return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    return fn
+
+
+@pytest.mark.parametrize("fn, message", [
+    (_pack(reverse=True), "reverse order"),
+    (_pack(ceil=False), "round the word count up"),
+    (_pack(per=8), "4-bit layout"),
+    (lambda c: pack.pack(c, bits=3).to(torch.int64), "must be int32"),
+])
+def test_pack3_mistakes(fn, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_pack3(fn)
+
+
+def test_unwritten_stub_is_reported():
+    def stub(*_a):
+        raise NotImplementedError("exercise: write this part")
+
+    for check in ex.CHECKERS.values():
+        with pytest.raises(ex.ExerciseError, match="not written yet"):
+            check(stub)
+
+
+# ------------------------------------------------------------------ student copies
+
+
+def test_strip_solutions_keeps_indentation_and_rejects_bad_markers():
+    src = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\nprint(f)"
+    out = ex.strip_solutions(src)
+    assert "x + 1" not in out and '    raise NotImplementedError("exercise: write this part")' in out
+    assert out.startswith("def f(x):") and out.endswith("print(f)")
+    with pytest.raises(ValueError, match="without END"):
+        ex.strip_solutions("### BEGIN SOLUTION\nx = 1")
+    with pytest.raises(ValueError, match="without BEGIN"):
+        ex.strip_solutions("x = 1\n### END SOLUTION")
+
+
+def _exercise_notebook(path):
+    nb = nbformat.v4.new_notebook()
+    ex_cell = nbformat.v4.new_code_cell(
+        "def my_score(W, G, QW):\n    ### BEGIN SOLUTION\n    return W.abs() * G.abs() * (QW - W).abs()\n"
+        "    ### END SOLUTION")
+    ex_cell.metadata["tags"] = ["exercise"]
+    check = nbformat.v4.new_code_cell("from tacq_lite.exercises import check_tacq_score\ncheck_tacq_score(my_score)")
+    check.metadata["tags"] = ["check"]
+    nb.cells = [nbformat.v4.new_code_cell("import torch"), ex_cell, check, nbformat.v4.new_code_cell("done = True")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_student_copy_runs_and_shows_the_checker_message(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from tacq_lite import cli
+
+    src = tmp_path / "src" / "09_demo.ipynb"
+    src.parent.mkdir()
+    _exercise_notebook(src)
+    papermill.execute_notebook(str(src), str(tmp_path / "solved.ipynb"), progress_bar=False)  # the solution passes
+    assert cli.main(["student", str(src), "--out", str(tmp_path / "student")]) == 0
+    copy = tmp_path / "student" / "09_demo.ipynb"
+    assert "W.abs() * G.abs()" not in copy.read_text()
+    ran = tmp_path / "ran.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError, match="ExerciseError"):
+        papermill.execute_notebook(str(copy), str(ran), progress_bar=False)  # runs to the end, then reports
+    nb = nbformat.read(ran, 4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "ExerciseError" and "not written yet" in errors[0].evalue
+    assert nb.cells[-1].execution_count is not None  # the cells after the failing check still ran
+    assert cli.main(["student", str(src), "--out", str(src.parent)]) == 2  # never overwrite the solutions
