@@ -119,7 +119,7 @@ def test_student_copies_run_and_report(tmp_path):
         text = (tmp_path / "student" / n).read_text()
         assert "BEGIN SOLUTION" not in text and "exercise: write this part" in text
     for name, params in (("05_triton_dequant_kernels.ipynb", dict(rows=20, cols=90, model_bits=4, model_groupsize=64)),
-                         ("01_uniform_quantization.ipynb", dict(ppl_bits=[8], groupsizes=[-1], eval_tokens=512,
+                         ("01_uniform_quantization.ipynb", dict(ppl_bits=[8, 3], groupsizes=[-1], eval_tokens=512,
                                                                 seq_len=256))):
         out = tmp_path / f"ran_{name}"
         with pytest.raises(papermill.PapermillExecutionError) as err:
@@ -128,3 +128,19 @@ def test_student_copies_run_and_report(tmp_path):
                                        kernel_name="python3", progress_bar=False)
         assert err.value.ename == "ExerciseError" and "not written yet" in err.value.evalue
         assert (tmp_path / f"{name}.json").is_file()  # the copy ran to its last cell despite the failing check
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("0*.ipynb")), ids=lambda p: p.name)
+def test_every_parameter_is_visible_to_papermill(path):
+    """papermill (and so `tacq-lite sweep`) sees each name the parameters cell assigns."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, 4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    targets = [t for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert all(isinstance(t, ast.Name) for t in targets), "one name per line: papermill skips `a, b = ...`"
+    assigned = {t.id for t in targets}
+    assert "results_path" in assigned
+    assert set(papermill.inspect_notebook(str(path))) == assigned
