@@ -125,7 +125,8 @@ def expand(grid: dict[str, list]) -> list[dict]:
 
 def run_id(params: dict) -> str:
     """A readable, file-safe, unique name for one combination."""
-    text = "_".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in params.items())
+    text = "_".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                    for k, v in params.items())
     safe = "".join(c if c.isalnum() or c in "=._-" else "-" for c in text)[:80]
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     return f"{safe}_{digest}"
