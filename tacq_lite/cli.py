@@ -90,6 +90,14 @@ def check_evals(evals) -> None:
             raise ValueError(f"--eval {name!r} is neither one of {', '.join(EVALS)} nor an existing text file.")
 
 
+def perplexity_streams(tok, config: QuantConfig) -> dict:
+    """{name: token stream} for the perplexity sets in config.evals (read before any long work)."""
+    from . import data
+
+    return {name: data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
+            for name in config.evals if name not in TASK_EVALS}
+
+
 def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, progress: bool = True,
               log=print) -> tuple[dict, dict]:
     """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s})."""
@@ -122,9 +130,7 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
                              "nll": sum(r.nll.values()) / len(r.nll), "tasks": r.accuracy, "task_nll": r.nll,
                              "chance": r.chance, "n": r.n}
         else:  # perplexity (+ KL) on WikiText-2's second half or a text file
-            tokens = (streams or {}).get(name)
-            if tokens is None:
-                tokens = data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
+            tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
             log(f"eval {name}: {tokens.numel()} tokens from "
                 f"{data.describe_source(name) if name == data.WIKITEXT2 else name}")
             m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=reference, progress=progress,
@@ -156,8 +162,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
     model, tok = load_model(config.model)
     seconds["load"] = time.perf_counter() - t
     # Check every perplexity source before any long work starts.
-    streams = {name: data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
-               for name in config.evals if name not in TASK_EVALS}
+    streams = perplexity_streams(tok, config)
     reference = float_copy(model) if config.kl and streams and config.method != "fp" else None
     windows = samples = None
     if config.method in ("gptq", "tacq"):
@@ -233,7 +238,6 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
     """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record."""
     import torch
 
-    from . import data
     from .models import load_model
 
     check_evals(config.evals)
@@ -251,8 +255,7 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         model, tok = load_model(config.model)
         source = None
     seconds["load"] = time.perf_counter() - t
-    streams = {name: data.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
-               for name in config.evals if name not in TASK_EVALS}
+    streams = perplexity_streams(tok, config)
     reference = None
     if config.kl and streams and source is not None:
         reference = load_model(source)[0]

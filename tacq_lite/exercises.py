@@ -280,16 +280,12 @@ def strip_solutions(source: str) -> str:
     return "\n".join(out)
 
 
-def student_copy(src, dst) -> int:
-    """Write a student copy of notebook `src` to `dst`; returns the number of exercise cells.
+def _has_exercises(nb) -> bool:
+    return any("exercise" in c.metadata.get("tags", []) for c in nb.cells)
 
-    Cells tagged `exercise` lose their solution blocks and their outputs; cells tagged `check`
-    (the checker calls) get the `raises-exception` tag so the copy still runs end to end and
-    shows each checker's message.
-    """
-    import nbformat
 
-    nb = nbformat.read(str(src), as_version=4)
+def _strip_notebook(nb, src) -> int:
+    """Strip the solutions of `nb` in place; returns the number of exercise cells."""
     n = 0
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
@@ -302,6 +298,20 @@ def student_copy(src, dst) -> int:
         if "check" in tags and cell.cell_type == "code":
             cell.metadata["tags"] = sorted(set(tags) | {"raises-exception"})
             cell.outputs, cell.execution_count = [], None
+    return n
+
+
+def student_copy(src, dst) -> int:
+    """Write a student copy of notebook `src` to `dst`; returns the number of exercise cells.
+
+    Cells tagged `exercise` lose their solution blocks and their outputs; cells tagged `check`
+    (the checker calls) get the `raises-exception` tag so the copy still runs end to end and
+    shows each checker's message.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(src), as_version=4)
+    n = _strip_notebook(nb, src)
     nbformat.write(nb, str(dst))
     return n
 
@@ -310,17 +320,18 @@ def make_student_copies(notebooks, out_dir) -> dict[str, int]:
     """Student copies of every notebook holding exercises, in out_dir; {name: exercise count}."""
     from pathlib import Path
 
+    import nbformat
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for src in map(Path, notebooks):
         if src.resolve().parent == out_dir.resolve():
             raise ValueError(f"{out_dir} holds the solution notebooks themselves; choose another --out folder.")
-        import nbformat
-
         nb = nbformat.read(str(src), as_version=4)
-        if any("exercise" in c.metadata.get("tags", []) for c in nb.cells):
-            counts[src.name] = student_copy(src, out_dir / src.name)
+        if _has_exercises(nb):
+            counts[src.name] = _strip_notebook(nb, src)
+            nbformat.write(nb, str(out_dir / src.name))
     return counts
 
 

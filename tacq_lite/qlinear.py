@@ -41,7 +41,7 @@ from torch import nn
 
 from . import walk
 from .pack import SparseKept, check_kept, check_packed, index_dtype, pack, pack_sparse, packed_cols
-from .quant import check_bits, check_groupsize, quantize
+from .quant import check_bits, check_groupsize, dequantize, quantize
 
 FORMAT_NAME = "tacq_lite.quantized"
 FORMAT_VERSION = 1
@@ -95,8 +95,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"scale/zero shapes {tuple(scale.shape)}/{tuple(zero.shape)} do not fit a "
                              f"[{out_f}, {in_f}] weight with groupsize={groupsize}; expected [{out_f}, {in_f // gs}].")
         codes = quantize(W, scale.float(), zero.float(), bits=bits)  # [out, in], recovers the codes of W_hat
-        off_grid = (scale.float().repeat_interleave(gs, 1) * (codes.float() - zero.float().repeat_interleave(gs, 1))
-                    - W).abs() > 1e-4 * W.abs().max().clamp_min(1e-12)  # [out, in]
+        off_grid = (dequantize(codes, scale.float(), zero.float()) - W).abs() \
+            > 1e-4 * W.abs().max().clamp_min(1e-12)  # [out, in]
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != W.shape:
                 raise ValueError(f"mask must be bool {tuple(W.shape)}, got {mask.dtype} {tuple(mask.shape)}.")
