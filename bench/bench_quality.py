@@ -4,6 +4,7 @@
     python bench/bench_quality.py gptq  --n-calib 64 --seq-len 512
     python bench/bench_quality.py tacq  --n-calib 64 --seq-len 512
     python bench/bench_quality.py selectors --eval-tokens 4096     # 11 rows, about an hour on one core
+    python bench/bench_quality.py tasks --eval-tokens 4096         # issue 6's matrix: MMLU, GSM8K, synthetic
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -39,6 +40,21 @@ SUITES = {
         for s in ("hessian", "fisher", "tacq", "magnitude", "gradient", "qal", "msg", "activation", "owq_columns",
                   "random")
     ],
+    # Issue 6's matrix: every metric for full precision, RTN, GPTQ and TaCQ calibrated on general text
+    # (WikiText-2) or on each task, at 3 bits per channel with min/max grids. MMLU: all 57 subjects,
+    # 5 test questions each (285); GSM8K: answer NLL on 200 test questions (no generation: see
+    # BENCHMARKS.md); the synthetic suite: 20 items per task. GSM8K / MMLU calibration uses
+    # n_calib task samples (train solutions; dev + val questions), WikiText-2 n_calib windows.
+    "tasks": [dict(method="fp"), dict(method="rtn", bits=3, groupsize=-1, mse=False),
+              dict(method="gptq", bits=3, groupsize=-1, mse=False)] + [
+        dict(method="tacq", bits=3, groupsize=-1, mse=False, selector="tacq", ratio=0.0035, calib=c)
+        for c in ("wikitext2", "gsm8k", "mmlu")
+    ],
+}
+# Evaluations per suite (default: WikiText-2 perplexity and KL only).
+EVALS = {
+    "tasks": dict(evals=["wikitext2", "mmlu", "gsm8k", "synthetic"], mmlu_limit=5, gsm8k_limit=200,
+                  gsm8k_generate=False, synthetic_limit=20),
 }
 
 
@@ -46,7 +62,7 @@ def row_name(cfg: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in sorted(cfg.items()))
 
 
-def run_one(cfg: dict, common: dict, out: Path) -> dict:
+def run_one(cfg: dict, common: dict, out: Path, evals: dict | None = None) -> dict:
     """Run one configuration in a child process (fresh peak-RSS) and return its record."""
     if out.is_file():
         return json.loads(out.read_text())
@@ -55,7 +71,7 @@ def run_one(cfg: dict, common: dict, out: Path) -> dict:
         "from tacq_lite.records import write_json_atomic;"
         "c = QuantConfig(**json.loads(sys.argv[1])); write_json_atomic(sys.argv[2], run_quantize(c, progress=False))"
     )
-    cfg_all = {**common, **cfg, "evals": ["wikitext2"]}
+    cfg_all = {**common, **cfg, **(evals or {"evals": ["wikitext2"]})}
     subprocess.run([sys.executable, "-c", code, json.dumps(cfg_all), str(out)], check=True)
     return json.loads(out.read_text())
 
@@ -77,6 +93,22 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def task_table(records: list[dict]) -> str:
+    head = ("| method | calibration | avg bits | WikiText-2 ppl | KL | MMLU acc | MMLU letter NLL | GSM8K answer NLL "
+            "| synthetic acc | synthetic NLL | seconds | peak RSS MB |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        kl = m["wikitext2"].get("kl")
+        lines.append(
+            f"| {c['method']} | {c['calib'] if c['method'] == 'tacq' else '-'} | {r['avg_bits']:.3f} | "
+            f"{m['wikitext2']['ppl']:.2f} | {'-' if kl is None else f'{kl:.4f}'} | {m['mmlu']['accuracy']:.3f} | "
+            f"{m['mmlu']['letter_nll']:.3f} | {m['gsm8k']['nll']:.3f} | {m['synthetic']['accuracy']:.3f} | "
+            f"{m['synthetic']['nll']:.3f} | {r['seconds_total']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("suite", choices=sorted(SUITES))
@@ -92,12 +124,13 @@ def main() -> None:
     if args.only:
         rows = [rows[int(i)] for i in args.only.split(",")]
     records = []
+    show = task_table if args.suite in EVALS else table
     for cfg in rows:
         name = row_name({**cfg, **common})
-        records.append(run_one(cfg, common, out_dir / f"{name}.json"))
-        print(table(records[-1:]).splitlines()[-1], flush=True)
+        records.append(run_one(cfg, common, out_dir / f"{name}.json", EVALS.get(args.suite)))
+        print(show(records[-1:]).splitlines()[-1], flush=True)
     print(f"\n{args.suite}: {date.today()}, `python bench/bench_quality.py {' '.join(sys.argv[1:])}`\n")
-    print(table(records))
+    print(show(records))
 
 
 if __name__ == "__main__":

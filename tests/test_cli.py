@@ -35,13 +35,7 @@ def test_table_formats_every_eval_set():
 
 
 @pytest.mark.slow
-def test_rtn_run_writes_the_record(tmp_path):
-    from tacq_lite import models
-
-    try:
-        models.embedded_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def test_rtn_run_writes_the_record(tmp_path, embedded_gguf):
     text = tmp_path / "eval.txt"
     text.write_text("The history of the city begins with a small harbour and a market. " * 60)
     out = tmp_path / "rec.json"
@@ -56,15 +50,10 @@ def test_rtn_run_writes_the_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_tacq_save_load_generate_end_to_end(tmp_path):
+def test_tacq_save_load_generate_end_to_end(tmp_path, embedded_gguf):
     """Embedded model -> TaCQ -> packed save -> load into QuantLinears -> same perplexity, generates."""
-    from tacq_lite import models
     from tacq_lite.pack import packed_cols
 
-    try:
-        models.embedded_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
     text = tmp_path / "text.txt"
     text.write_text("The history of the city begins with a small harbour and a market by the river. " * 80)
     common = ["--eval", str(text), "--eval-tokens", "256", "--seq-len", "128", "--quiet"]

@@ -8,13 +8,9 @@ from tacq_lite.gptq import GPTQ
 
 
 @pytest.fixture(scope="module")
-def two_layer_model():
+def two_layer_model(embedded_gguf):
     from tacq_lite import models
 
-    try:
-        models.embedded_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
     model, tok = models.load_model()
     small = copy.deepcopy(model)
     small.model.layers = small.model.layers[:2]  # the first two decoder layers are enough here

@@ -24,11 +24,7 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    try:
-        models.embedded_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def embedded(embedded_gguf):
     return models.load_model()
 
 

