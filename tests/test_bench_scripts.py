@@ -1,0 +1,44 @@
+"""The benchmark scripts run (on tiny shapes): a GPU session can use them without debugging first."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_importance_memory_bench_on_a_tiny_llama(tmp_path):
+    bench = load("bench_importance_memory")
+    rec = bench.main(["--shape", "tiny", "--device", "cpu", "--samples", "2", "--seq-len", "16",
+                      "--checkpointing", "--out", str(tmp_path)])
+    # 2 layers x (q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128)
+    assert rec["targeted_weights"] == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
+    assert rec["accumulators_finite_and_nonzero"] and rec["seconds_per_sample"] > 0
+    assert rec["predicted_gib"]["accumulators"] == pytest.approx(rec["targeted_weights"] * 4 / 2**30, abs=0.01)
+    saved = json.loads((tmp_path / "tiny_L2_cpu_T16_acc-float32-same_ckpt.json").read_text())
+    assert saved["samples"] == 2 and saved["checkpointing"] is True
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_importance_memory_bench_refuses_a_missing_gpu(monkeypatch):
+    bench = load("bench_importance_memory")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["--shape", "tiny", "--device", "cuda"])
+
+
+def test_importance_memory_prediction_for_llama3_8b(tmp_path):
+    """On the meta device nothing is allocated; the byte budget of the real 8B shapes comes back."""
+    bench = load("bench_importance_memory")
+    rec = bench.main(["--device", "meta", "--accum-device", "cpu", "--out", str(tmp_path)])
+    assert rec["targeted_weights"] == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336)
+    assert rec["predicted_gib"]["on_device"] == rec["predicted_gib"]["weights"]  # accumulators on the host
+    assert 29 < rec["predicted_gib"]["weights"] < 31  # 8.03 B fp32 parameters
