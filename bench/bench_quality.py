@@ -39,6 +39,9 @@ SUITES = {
         dict(method="tacq", bits=3, groupsize=-1, mse=False, selector=s, ratio=0.0035)
         for s in ("hessian", "fisher", "tacq", "magnitude", "gradient", "qal", "msg", "activation", "owq_columns",
                   "random")
+    ] + [
+        # TaCQ's score with Q(W) from RTN instead of GPTQ: |Q(W) - W| is then the bare rounding error.
+        dict(method="tacq", bits=3, groupsize=-1, mse=False, selector="tacq", ratio=0.0035, qw_method="rtn"),
     ],
     # Issue 6's matrix: every metric for full precision, RTN, GPTQ and TaCQ calibrated on general text
     # (WikiText-2) or on each task, at 3 bits per channel with min/max grids. MMLU: all 57 subjects,
