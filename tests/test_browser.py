@@ -272,9 +272,9 @@ _STATE_JS = """() => {
 
 # Errors a learner would see that live outside the cells' own outputs: tracebacks printed by a
 # widget callback into its Output area, and the widget manager's own failure messages.
-_PAGE_ERRORS_JS = """() => {
+_PAGE_ERRORS_JS = """(panelId) => {
   const found = [];
-  document.querySelectorAll('.jp-OutputArea-output').forEach(n => {
+  document.getElementById(panelId).querySelectorAll('.jp-OutputArea-output').forEach(n => {
     const mime = n.getAttribute('data-mime-type') || '';
     const text = n.textContent || '';
     if (mime.includes('error') || /Traceback \\(most recent call last\\)|Error: /.test(text) && mime.includes('stderr'))
@@ -298,8 +298,9 @@ class Observed:
     explorers: int
 
 
-def run_all(page, lab: Lab, file: str) -> None:
-    page.goto(f"{lab.url}/lab/tree/{file}?token={lab.token}")
+def run_all(page, lab: Lab, file: str) -> str:
+    """Open `file` alone (`reset`: no tabs restored from earlier pages), Run All, wait; return its panel's id."""
+    page.goto(f"{lab.url}/lab/tree/{file}?reset&token={lab.token}")
     page.wait_for_function(
         "(f) => window.jupyterapp && window.jupyterapp.shell.currentWidget"
         " && window.jupyterapp.shell.currentWidget.context"
@@ -313,14 +314,15 @@ def run_all(page, lab: Lab, file: str) -> None:
         finished = s["status"] == "idle" and s["pending"] == 0 and (s["done"] == s["total"] or s["errors"])
         quiet = quiet + 1 if finished else 0
         if quiet >= 3:  # idle for 3 polls in a row: "Run All" has finished (or stopped at an error)
-            return
+            return page.evaluate("() => window.jupyterapp.shell.currentWidget.id")
     raise AssertionError(f"Run All did not finish in {RUN_TIMEOUT_S} s: {s}")
 
 
-def observe(page, *, slider: str) -> Observed:
-    """Read the page, then move the explorer's `slider` one step right with the keyboard."""
-    errors = [*page.evaluate(_STATE_JS)["errors"], *page.evaluate(_PAGE_ERRORS_JS)]
-    explorer = page.locator(".jp-Notebook .widget-interact")
+def observe(page, panel_id: str, *, slider: str) -> Observed:
+    """Read the notebook's panel, then move the explorer's `slider` one step right with the keyboard."""
+    panel = page.locator(f'[id="{panel_id}"]')  # this notebook only, whatever else the page holds
+    errors = [*page.evaluate(_STATE_JS)["errors"], *page.evaluate(_PAGE_ERRORS_JS, panel_id)]
+    explorer = panel.locator(".jp-Notebook .widget-interact")
     n_explorers = explorer.count()
     sliders, changed = [], False
     if n_explorers:
@@ -340,9 +342,9 @@ def observe(page, *, slider: str) -> Observed:
                 now = box.locator("img")
                 changed = now.count() == 1 and now.get_attribute("src") not in (None, before)
                 idle = idle + 1 if page.evaluate(_STATE_JS)["status"] == "idle" else 0
-            errors += page.evaluate(_PAGE_ERRORS_JS)  # a callback that fails on the new value
-    all_figures = page.locator(".jp-Notebook .jp-OutputArea-output img").count()
-    in_widgets = page.locator(".jp-Notebook .widget-interact img").count()
+            errors += page.evaluate(_PAGE_ERRORS_JS, panel_id)  # a callback that fails on the new value
+    all_figures = panel.locator(".jp-Notebook .jp-OutputArea-output img").count()
+    in_widgets = panel.locator(".jp-Notebook .widget-interact img").count()
     return Observed(sorted(set(errors)), sliders, changed, all_figures - in_widgets, in_widgets, n_explorers)
 
 
@@ -363,13 +365,29 @@ def problems(seen: Observed, *, expected_figures: int, sliders: list[str]) -> li
     return out
 
 
+def _api(lab: Lab, path: str, method: str = "GET"):
+    req = urllib.request.Request(f"{lab.url}{path}", method=method, headers={"Authorization": f"token {lab.token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+def shutdown_kernels(lab: Lab) -> None:
+    """End every kernel session (closing a tab leaves its kernel running, holding the model in memory)."""
+    for session in _api(lab, "/api/sessions"):
+        _api(lab, f"/api/sessions/{session['id']}", method="DELETE")
+    deadline = time.monotonic() + 30
+    while (left := _api(lab, "/api/kernels")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"kernels {[k['id'] for k in left]} survived their sessions' shutdown"
+
+
 def check_in_browser(browser, lab: Lab, file: str, *, slider: str, request) -> Observed:
     """Run `file` in a fresh page and observe it; keep a screenshot, the HTML and the log on failure."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     try:
-        run_all(page, lab, file)
-        seen = observe(page, slider=slider)
+        seen = observe(page, run_all(page, lab, file), slider=slider)
         print(f"{file}: {seen}")  # shown by pytest on failure (and with -s)
         return seen
     except Exception:
@@ -377,6 +395,7 @@ def check_in_browser(browser, lab: Lab, file: str, *, slider: str, request) -> O
         raise
     finally:
         context.close()
+        shutdown_kernels(lab)
 
 
 def keep_artifacts(page, lab: Lab, test_name: str) -> Path:
@@ -394,11 +413,12 @@ def assert_fine(page_problems: list[str], browser, lab, file, request) -> None:
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         try:
-            page.goto(f"{lab.url}/lab/tree/{file}?token={lab.token}")
+            page.goto(f"{lab.url}/lab/tree/{file}?reset&token={lab.token}")
             page.wait_for_timeout(3000)
             where = keep_artifacts(page, lab, request.node.name)
         finally:
             context.close()
+            shutdown_kernels(lab)
         pytest.fail("\n".join(page_problems) + f"\n(artifacts in {where})")
 
 
