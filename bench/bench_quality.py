@@ -48,10 +48,11 @@ SUITES = {
     # 5 test questions each (285); GSM8K: answer NLL on 200 test questions (no generation: see
     # BENCHMARKS.md); the synthetic suite: 20 items per task. GSM8K / MMLU calibration uses
     # n_calib task samples (train solutions; dev + val questions), WikiText-2 n_calib windows.
-    "tasks": [dict(method="fp"), dict(method="rtn", bits=3, groupsize=-1, mse=False),
-              dict(method="gptq", bits=3, groupsize=-1, mse=False)] + [
-        dict(method="tacq", bits=3, groupsize=-1, mse=False, selector="tacq", ratio=0.0035, calib=c)
-        for c in ("wikitext2", "gsm8k", "mmlu")
+    "tasks": [dict(method="fp")] + [
+        row for b, g in ((3, -1), (2, 64)) for row in (
+            [dict(method="rtn", bits=b, groupsize=g, mse=False), dict(method="gptq", bits=b, groupsize=g, mse=False)]
+            + [dict(method="tacq", bits=b, groupsize=g, mse=False, selector="tacq", ratio=0.0035, calib=c)
+               for c in ("wikitext2", "gsm8k", "mmlu")])
     ],
 }
 # Evaluations per suite (default: WikiText-2 perplexity and KL only).
@@ -97,14 +98,16 @@ def table(records: list[dict]) -> str:
 
 
 def task_table(records: list[dict]) -> str:
-    head = ("| method | calibration | avg bits | WikiText-2 ppl | KL | MMLU acc | MMLU letter NLL | GSM8K answer NLL "
+    head = ("| method | calibration | bits | group | avg bits | WikiText-2 ppl | KL | MMLU acc | MMLU letter NLL "
+            "| GSM8K answer NLL "
             "| synthetic acc | synthetic NLL | seconds | peak RSS MB |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
         c, m = r["config"], r["metrics"]
         kl = m["wikitext2"].get("kl")
         lines.append(
-            f"| {c['method']} | {c['calib'] if c['method'] == 'tacq' else '-'} | {r['avg_bits']:.3f} | "
+            f"| {c['method']} | {c['calib'] if c['method'] == 'tacq' else '-'} | {c['bits'] if c['method'] != 'fp' else 16} | "
+            f"{c['groupsize'] if c['method'] != 'fp' else '-'} | {r['avg_bits']:.3f} | "
             f"{m['wikitext2']['ppl']:.2f} | {'-' if kl is None else f'{kl:.4f}'} | {m['mmlu']['accuracy']:.3f} | "
             f"{m['mmlu']['letter_nll']:.3f} | {m['gsm8k']['nll']:.3f} | {m['synthetic']['accuracy']:.3f} | "
             f"{m['synthetic']['nll']:.3f} | {r['seconds_total']:.0f} | {r['peak_rss_mb']:.0f} |"
