@@ -147,13 +147,15 @@ def sequential_pass(
             stats = {name: make_stats(f"model.layers.{i}.{name}", linears[name]) for name in group}
             seen: set[str] = set()
 
-            def hook(module, args, _out, name):
+            def hook(module, args, name):
                 stats[name].add_batch(args[0].detach())
                 seen.add(name)
                 if len(seen) == len(group):
                     raise _Stop  # the rest of the layer is not needed for this sub-group
 
-            handles = [linears[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in group]
+            # Pre-hooks: the last linear of a sub-group (v_proj, up_proj, down_proj, ...) is
+            # stopped before its own matmul, which nothing here needs.
+            handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in group]
             try:
                 for x in inps:
                     seen.clear()
