@@ -5,6 +5,8 @@
     python bench/bench_quality.py tacq  --n-calib 64 --seq-len 512
     python bench/bench_quality.py selectors --eval-tokens 4096     # 11 rows, about an hour on one core
     python bench/bench_quality.py tasks --eval-tokens 4096         # issue 6's matrix: MMLU, GSM8K, synthetic
+    python bench/bench_quality.py generation --eval-tokens 4096    # GSM8K chain-of-thought generation, 10 questions
+    python bench/bench_quality.py selectors-mse --eval-tokens 4096 # tacq vs msg with MSE grids, 0.35 % and 1 %
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -55,10 +57,22 @@ SUITES = {
                for c in ("wikitext2", "gsm8k", "mmlu")])
     ],
 }
+# The selector table's main comparison with GPTQ's MSE range search on (the paper's setting and the CLI
+# default): TaCQ against msg, the best selector on min/max grids, at both budgets, beside GPTQ alone.
+# The gptq row and the two tacq rows are the same configurations as the gptq suite's row and the
+# end-to-end `tacq-lite quantize` runs in BENCHMARKS.md.
+SUITES["selectors-mse"] = [dict(method="gptq", bits=3, groupsize=-1)] + [
+    dict(method="tacq", bits=3, groupsize=-1, selector=s, ratio=r) for r in (0.0035, 0.01) for s in ("tacq", "msg")
+]
+# GSM8K greedy chain-of-thought generation (exact match of the final number) with the answer NLL of
+# the same questions: the tasks suite's 3-bit rows (their score cache serves the TaCQ rows), MMLU
+# calibration left out. Ten questions: generation costs about 10 s per question on 2 cores.
+SUITES["generation"] = [row for row in SUITES["tasks"][:6] if row.get("calib") != "mmlu"]
 # Evaluations per suite (default: WikiText-2 perplexity and KL only).
 EVALS = {
     "tasks": dict(evals=["wikitext2", "mmlu", "gsm8k", "synthetic"], mmlu_limit=5, gsm8k_limit=200,
                   gsm8k_generate=False, synthetic_limit=20),
+    "generation": dict(evals=["gsm8k"], gsm8k_limit=10, gsm8k_generate=True, gsm8k_max_new_tokens=256),
 }
 
 
@@ -115,6 +129,22 @@ def task_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def generation_table(records: list[dict]) -> str:
+    head = "| method | calibration | avg bits | GSM8K exact match | GSM8K answer NLL | questions | GSM8K seconds |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        c, m = r["config"], r["metrics"]["gsm8k"]
+        right = round(m["accuracy"] * m["n"])
+        lines.append(
+            f"| {c['method']} | {c['calib'] if c['method'] == 'tacq' else '-'} | {r['avg_bits']:.3f} | "
+            f"{m['accuracy']:.3f} ({right}/{m['n']}) | {m['nll']:.3f} | {m['n']} | {r['seconds']['eval_gsm8k']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"tasks": task_table, "generation": generation_table}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("suite", choices=sorted(SUITES))
@@ -130,7 +160,7 @@ def main() -> None:
     if args.only:
         rows = [rows[int(i)] for i in args.only.split(",")]
     records = []
-    show = task_table if args.suite in EVALS else table
+    show = TABLES.get(args.suite, table)
     for cfg in rows:
         name = row_name({**cfg, **common})
         records.append(run_one(cfg, common, out_dir / f"{name}.json", EVALS.get(args.suite)))

@@ -58,13 +58,15 @@ def main(argv=None) -> None:
     masks = {s: build_masks(inp, selector=s, ratio=args.ratio, seed=cfg.seed) for s in sels}
 
     print(f"Jaccard of the keep-masks ({args.bits}-bit, group {args.groupsize}, {args.ratio:.2%} kept):\n")
-    print("| | " + " | ".join(sels) + " |\n|---" * 1 + "|---" * len(sels) + "|")
+    print("| | " + " | ".join(sels) + " |")
+    print("|---" * (len(sels) + 1) + "|")
     for a in sels:
         print(f"| {a} | " + " | ".join(f"{jaccard(masks[a], masks[b]):.3f}" for b in sels) + " |")
 
     kinds = list(mask_report(masks[sels[0]]).per_module)
     print("\nShare of each module kind's weights kept (%), and the two layers that get the most:\n")
-    print("| selector | " + " | ".join(kinds) + " | top layers |\n" + "|---" * (len(kinds) + 2) + "|")
+    print("| selector | " + " | ".join(kinds) + " | top layers |")
+    print("|---" * (len(kinds) + 2) + "|")
     for s in sels:
         r = mask_report(masks[s])
         top = sorted(r.per_layer.items(), key=lambda kv: -kv[1])[:2]

@@ -227,11 +227,13 @@ def _image_outputs(cells) -> int:
     return sum("image/png" in o.get("data", {}) for c in cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
-def stage(lab: Lab, name: str, *, cells: slice = slice(None), edit=None, parameters: dict | None = None):
+def stage(lab: Lab, name: str, *, cells: slice = slice(None), edit=None, parameters: dict | None = None,
+          as_name: str | None = None):
     """Copy a committed notebook into the lab's folder, outputs stripped, and say what it should show.
 
     cells: keep only these cells; edit(source_list) may change sources (the broken-widget tests);
-    parameters: injected by papermill (its "injected-parameters" cell), as a sweep would.
+    parameters: injected by papermill (its "injected-parameters" cell), as a sweep would;
+    as_name: the copy's file name (default: `name`).
     Returns (file name, figures the committed notebook shows for the kept cells).
     """
     committed = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -243,7 +245,7 @@ def stage(lab: Lab, name: str, *, cells: slice = slice(None), edit=None, paramet
             c.outputs, c.execution_count = [], None
     if edit is not None:
         edit(nb.cells)
-    out = lab.root / name
+    out = lab.root / (as_name or name)
     nbformat.write(nb, out)
     if parameters:
         import papermill
@@ -382,14 +384,22 @@ def shutdown_kernels(lab: Lab) -> None:
     assert not left, f"kernels {[k['id'] for k in left]} survived their sessions' shutdown"
 
 
-def check_in_browser(browser, lab: Lab, file: str, *, slider: str, request) -> Observed:
-    """Run `file` in a fresh page and observe it; keep a screenshot, the HTML and the log on failure."""
+def check_in_browser(browser, lab: Lab, file: str, *, slider: str, sliders: list[str], expected_figures: int,
+                     request) -> tuple[Observed, list[str]]:
+    """Run `file` in a fresh page, observe it and list its problems: (what was seen, problems).
+
+    While the page is still open, an exception or any problem keeps a screenshot, the page's HTML
+    and the server log under ARTIFACTS/<test name>, so they show the failing page itself.
+    """
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     try:
         seen = observe(page, run_all(page, lab, file), slider=slider)
         print(f"{file}: {seen}")  # shown by pytest on failure (and with -s)
-        return seen
+        found = problems(seen, expected_figures=expected_figures, sliders=sliders)
+        if found:
+            found.append(f"(artifacts in {keep_artifacts(page, lab, request.node.name)})")
+        return seen, found
     except Exception:
         keep_artifacts(page, lab, request.node.name)
         raise
@@ -407,19 +417,9 @@ def keep_artifacts(page, lab: Lab, test_name: str) -> Path:
     return where
 
 
-def assert_fine(page_problems: list[str], browser, lab, file, request) -> None:
+def assert_fine(page_problems: list[str]) -> None:
     if page_problems:
-        # Re-open the notebook as it stands (outputs autosaved or not) for a picture of the failure.
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        try:
-            page.goto(f"{lab.url}/lab/tree/{file}?reset&token={lab.token}")
-            page.wait_for_timeout(3000)
-            where = keep_artifacts(page, lab, request.node.name)
-        finally:
-            context.close()
-            shutdown_kernels(lab)
-        pytest.fail("\n".join(page_problems) + f"\n(artifacts in {where})")
+        pytest.fail("\n".join(page_problems))
 
 
 # ----------------------------------------------------------------------------- tests
@@ -427,8 +427,9 @@ def assert_fine(page_problems: list[str], browser, lab, file, request) -> None:
 def test_01_runs_in_jupyterlab_and_its_slider_redraws(browser, lab, request):
     """Notebook 01 with its default parameters, exactly as a learner opens it."""
     file, expected = stage(lab, "01_uniform_quantization.ipynb")
-    seen = check_in_browser(browser, lab, file, slider="bits", request=request)
-    assert_fine(problems(seen, expected_figures=expected, sliders=["bits", "groupsize"]), browser, lab, file, request)
+    _, found = check_in_browser(browser, lab, file, slider="bits", sliders=["bits", "groupsize"],
+                                expected_figures=expected, request=request)
+    assert_fine(found)
 
 
 def test_04_budget_explorer_redraws(browser, lab, request):
@@ -436,8 +437,9 @@ def test_04_budget_explorer_redraws(browser, lab, request):
     file, expected = stage(lab, "04_outlier_masking.ipynb", parameters=dict(
         settings=[[3, -1]], ratios=[0.0035], selectors=["tacq", "magnitude", "random"],
         n_calib=2, seq_len=64, eval_tokens=512))
-    seen = check_in_browser(browser, lab, file, slider="ratio", request=request)
-    assert_fine(problems(seen, expected_figures=expected, sliders=["selector", "ratio"]), browser, lab, file, request)
+    _, found = check_in_browser(browser, lab, file, slider="ratio", sliders=["selector", "ratio"],
+                                expected_figures=expected, request=request)
+    assert_fine(found)
 
 
 # The tests of the tests: notebook 01 up to and including its explorer, with the explorer broken
@@ -467,20 +469,22 @@ def _break(old: str, new: str):
      "ZeroDivisionError"),
 ], ids=["ignores-slider", "raises"])
 def test_a_broken_explorer_is_caught(browser, lab, request, broken, complaint, tmp_path, monkeypatch):
-    file, expected = stage(lab, "01_uniform_quantization.ipynb", cells=_explorer_cells(), edit=_break(*broken))
-    renamed = lab.root / f"broken_{request.node.callspec.id}.ipynb"
-    (lab.root / file).rename(renamed)
-    seen = check_in_browser(browser, lab, renamed.name, slider="bits", request=request)
-    found = problems(seen, expected_figures=expected, sliders=["bits", "groupsize"])
+    file, expected = stage(lab, "01_uniform_quantization.ipynb", cells=_explorer_cells(), edit=_break(*broken),
+                           as_name=f"broken_{request.node.callspec.id}.ipynb")
+    monkeypatch.setattr(sys.modules[__name__], "ARTIFACTS", tmp_path)
+    seen, found = check_in_browser(browser, lab, file, slider="bits", sliders=["bits", "groupsize"],
+                                   expected_figures=expected, request=request)
     assert any(complaint in p for p in found), f"the broken explorer went unnoticed: {found} ({seen})"
     # ... and only the breakage is reported: the rest of the page (sliders, static figures) is fine.
     assert seen.explorers == 1 and seen.sliders == ["bits", "groupsize"], seen
     assert seen.figures_outside_widgets == expected, seen
-    # The failure path keeps what is needed to see why: a screenshot, the page's HTML, the server log.
-    monkeypatch.setattr(sys.modules[__name__], "ARTIFACTS", tmp_path)
+    # The failure path kept what is needed to see why, from the failing page itself: a screenshot,
+    # the page's HTML, the server log; and the failure names the complaint and where they are.
     with pytest.raises(pytest.fail.Exception, match=complaint):
-        assert_fine(found, browser, lab, renamed.name, request)
+        assert_fine(found)
     kept = tmp_path / request.node.name
+    assert f"(artifacts in {kept})" in found
+    assert file in (kept / "page.html").read_text()  # the page that failed, not another one
     assert {p.name for p in kept.iterdir()} == {"page.png", "page.html", "jupyterlab.log"}
     assert (kept / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
