@@ -130,14 +130,14 @@ def task_table(records: list[dict]) -> str:
 
 
 def generation_table(records: list[dict]) -> str:
-    head = "| method | calibration | avg bits | GSM8K exact match | GSM8K answer NLL | questions | GSM8K seconds |"
+    head = "| method | calibration | avg bits | GSM8K exact match | GSM8K answer NLL | GSM8K seconds |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
         c, m = r["config"], r["metrics"]["gsm8k"]
         right = round(m["accuracy"] * m["n"])
         lines.append(
             f"| {c['method']} | {c['calib'] if c['method'] == 'tacq' else '-'} | {r['avg_bits']:.3f} | "
-            f"{m['accuracy']:.3f} ({right}/{m['n']}) | {m['nll']:.3f} | {m['n']} | {r['seconds']['eval_gsm8k']:.0f} |"
+            f"{m['accuracy']:.3f} ({right}/{m['n']}) | {m['nll']:.3f} | {r['seconds']['eval_gsm8k']:.0f} |"
         )
     return "\n".join(lines)
 
