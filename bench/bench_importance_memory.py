@@ -94,28 +94,37 @@ def run(args) -> dict:
                 "predicted_gib": {k: round(v / GIB, 2) for k, v in pred.items() if k != "targeted_weights"}}
     vocab = model.config.vocab_size
     samples = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    kw = dict(accum_dtype=accum_dtype, accum_device=accum_device, checkpointing=args.checkpointing, progress=False)
     if args.device == "cuda":
+        accumulate_gradients(model, samples[:1], **kw)  # warm-up: cuBLAS handles, kernel selection
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    res = accumulate_gradients(model, samples, accum_dtype=accum_dtype, accum_device=accum_device,
-                               checkpointing=args.checkpointing, progress=False)
+    t0 = time.perf_counter()
+    res = accumulate_gradients(model, samples, **kw)
     if args.device == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # the last sample's kernels are queued, not done, when the loop returns
+    seconds_per_sample = (time.perf_counter() - t0) / args.samples
+    if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
         peak_kind = "torch.cuda.max_memory_allocated"
+        extra = {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+                 "float32_matmul_precision": torch.get_float32_matmul_precision(), "torch": torch.__version__}
         device_name = torch.cuda.get_device_name()
     else:
         peak, peak_kind, device_name = peak_rss_bytes(), "peak RSS of the process", "cpu"
+        extra = {}
     finite = all(bool(torch.isfinite(g).all()) and bool((g > 0).any()) for g in res.G.values())
     return {
         "date": str(date.today()), "command": "python bench/bench_importance_memory.py " + " ".join(sys.argv[1:]),
         "shape": args.shape, "layers": model.config.num_hidden_layers, "device": device_name,
         "threads": torch.get_num_threads(), "samples": args.samples, "seq_len": args.seq_len,
         "accum_dtype": args.accum_dtype, "accum_device": args.accum_device, "checkpointing": args.checkpointing,
-        "build_seconds": round(build_s, 1), "seconds_per_sample": round(res.seconds_per_sample, 3),
+        "build_seconds": round(build_s, 1), "seconds_per_sample": round(seconds_per_sample, 3),
+        "timing": "wall clock over all samples after a one-sample warm-up (CUDA: synchronized)" if args.device == "cuda" else "wall clock over all samples",
         "peak_bytes": peak, "peak_gib": round(peak / GIB, 2), "peak_kind": peak_kind,
         "predicted_gib": {k: round(v / GIB, 2) for k, v in pred.items() if k != "targeted_weights"},
         "targeted_weights": pred["targeted_weights"], "accumulators_finite_and_nonzero": finite,
+        **extra,
     }
 
 
