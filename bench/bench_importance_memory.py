@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "importance_memory"))
     args = p.parse_args(argv)
-    rec = run(args)
+    try:
+        rec = run(args)
+    except torch.OutOfMemoryError as err:  # a result too: this setting does not fit the device
+        rec = {"date": str(date.today()), "command": "python bench/bench_importance_memory.py " + " ".join(sys.argv[1:]),
+               "shape": args.shape, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"],
+               "device": torch.cuda.get_device_name(), "seq_len": args.seq_len, "accum_dtype": args.accum_dtype,
+               "accum_device": args.accum_device, "checkpointing": args.checkpointing,
+               "out_of_memory": str(err).splitlines()[0]}
     name = (f"{args.shape}_L{rec['layers']}_{args.device}_T{args.seq_len}_acc-{args.accum_dtype}-{args.accum_device}"
             f"{'_ckpt' if args.checkpointing else ''}.json")
     out = Path(args.out)

@@ -52,7 +52,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_gpu(groupsize: int) -> None:
-    """Correctness first (against the torch reference on the same data), then medians of do_bench.
+    """Correctness first (against the torch reference on the same data; stops if wrong), then do_bench medians.
 
     do_bench flushes the L2 cache before every repetition, so each call reads its weights from
     device memory, as a decoder layer does when the whole model does not fit in L2.
@@ -82,6 +82,8 @@ def bench_gpu(groupsize: int) -> None:
                                      backend="torch")
             diff = (deq.float() - deq_ref.float()).abs().max().item()
             err = rel_err(dequant_matmul(x, packed, scale, zero, kept, **kw), x.double() @ deq_ref.double().T)
+            if diff != 0 or not err < 1e-3:  # no timing of a wrong kernel
+                raise SystemExit(f"{rows}x{cols} {bits}-bit: dequant differs by {diff}, GEMV relative error {err:.2e}")
             t_deq = ms(lambda: dequant_weight(packed, scale, zero, kept, cols=cols, **kw))
             moved = P.packed_nbytes(packed, scale, zero, kept) + rows * cols * 2  # read packed, write fp16
             t_gemv = ms(lambda: dequant_matmul(x, packed, scale, zero, kept, **kw))
@@ -100,6 +102,8 @@ def bench_gpu(groupsize: int) -> None:
         for M in (1, 2, 4, 8, 16):
             x = torch.randn(M, cols, device="cuda", dtype=torch.float16)  # [M, cols]
             err = rel_err(dequant_matmul(x, packed, scale, zero, kept, backend="triton", **kw), x.double() @ W_ref.T)
+            if not err < 1e-3:
+                raise SystemExit(f"{rows}x{cols} M={M}: GEMV relative error {err:.2e}")
             t_gemv = ms(lambda: dequant_matmul(x, packed, scale, zero, kept, backend="triton", **kw))
             t_lin = ms(lambda: F.linear(x, W16))
             print(f"| {rows}x{cols} | {M} | {t_gemv * 1e3:.1f} | {t_lin * 1e3:.1f} | {t_lin / t_gemv:.2f}x | {err:.1e} |")

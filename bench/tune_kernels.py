@@ -28,13 +28,13 @@ from tacq_lite.kernels.gemv import _gemv_kernel  # noqa: E402
 from tacq_lite.pack import CODES_PER_WORD  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
-BITS, GROUP = 3, 128
+BITS, GROUPSIZE = 3, 128
 
 
 def gemv_call(x, packed, scale, zero, kept, rows, cols, cfg):
-    y = torch.empty(1, rows, dtype=x.dtype, device="cuda")
+    y = torch.empty(1, rows, dtype=x.dtype, device="cuda")  # [1, rows]
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]),)
-    _gemv_kernel[grid](x, packed, scale, zero, *kept, y, 1, rows, cols, GROUP,
+    _gemv_kernel[grid](x, packed, scale, zero, *kept, y, 1, rows, cols, GROUPSIZE,
                        x.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), zero.stride(0),
                        zero.stride(1), y.stride(0), BITS=BITS, PER_WORD=CODES_PER_WORD[BITS], HAS_KEPT=True,
                        BLOCK_M=1, BLOCK_NNZ=32, **cfg)
@@ -42,18 +42,18 @@ def gemv_call(x, packed, scale, zero, kept, rows, cols, cfg):
 
 
 def dequant_call(packed, scale, zero, rows, cols, cfg):
-    out = torch.empty(rows, cols, dtype=torch.float16, device="cuda")
+    out = torch.empty(rows, cols, dtype=torch.float16, device="cuda")  # [rows, cols]
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
-    _dequant_kernel[grid](packed, scale, zero, out, rows, cols, GROUP, packed.stride(0), scale.stride(0),
+    _dequant_kernel[grid](packed, scale, zero, out, rows, cols, GROUPSIZE, packed.stride(0), scale.stride(0),
                           scale.stride(1), zero.stride(0), zero.stride(1), out.stride(0),
                           BITS=BITS, PER_WORD=CODES_PER_WORD[BITS], **cfg)
     return out
 
 
 def main() -> None:
-    layers = {s: make_layer(*s, bits=BITS, groupsize=GROUP, device="cuda", seed=s[0]) for s in SHAPES}
-    refs = {s: dequant_weight(*layers[s], cols=s[1], bits=BITS, groupsize=GROUP, backend="torch") for s in SHAPES}
-    xs = {s: torch.randn(1, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}
+    layers = {s: make_layer(*s, bits=BITS, groupsize=GROUPSIZE, device="cuda", seed=s[0]) for s in SHAPES}
+    refs = {s: dequant_weight(*layers[s], cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch") for s in SHAPES}
+    xs = {s: torch.randn(1, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}  # [1, cols] each
 
     gemv_cfgs = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
                  for n, k, w in itertools.product([1, 2, 4, 8, 16, 32], [128, 256, 512, 1024], [1, 2, 4, 8])
@@ -64,8 +64,8 @@ def main() -> None:
         for (rows, cols) in SHAPES:
             packed, scale, zero, kept = layers[(rows, cols)]
             x = xs[(rows, cols)]
-            y = gemv_call(x, packed, scale, zero, kept, rows, cols, cfg)
-            ref = x.double() @ refs[(rows, cols)].double().T
+            y = gemv_call(x, packed, scale, zero, kept, rows, cols, cfg)  # [1, rows]
+            ref = x.double() @ refs[(rows, cols)].double().T  # [1, rows]
             err = ((y.double() - ref).norm() / ref.norm()).item()
             if not err < 1e-3:
                 raise SystemExit(f"GEMV {cfg} {rows}x{cols}: relative error {err:.2e}")
@@ -89,8 +89,8 @@ def main() -> None:
         times = []
         for (rows, cols) in SHAPES:
             packed, scale, zero, _ = layers[(rows, cols)]
-            out = dequant_call(packed, scale, zero, rows, cols, cfg)
-            dense = dequant_weight(packed, scale, zero, None, cols=cols, bits=BITS, groupsize=GROUP, backend="torch")
+            out = dequant_call(packed, scale, zero, rows, cols, cfg)  # [rows, cols]
+            dense = dequant_weight(packed, scale, zero, None, cols=cols, bits=BITS, groupsize=GROUPSIZE, backend="torch")
             if not torch.equal(out, dense):
                 raise SystemExit(f"dequant {cfg} {rows}x{cols} differs from the reference")
             t = do_bench(lambda: dequant_call(packed, scale, zero, rows, cols, cfg), return_mode="median")
@@ -105,10 +105,10 @@ def main() -> None:
     cur = [r for r in rows_out if r[1] == dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)][0]
     print("first guess (32, 64, 4), before this sweep: " + " | ".join(f"{t:.0f}" for t in cur[2]))
     packed, scale, zero, kept = layers[SHAPES[0]]
-    t_all = do_bench(lambda: dequant_weight(packed, scale, zero, kept, cols=SHAPES[0][1], bits=BITS, groupsize=GROUP,
+    t_all = do_bench(lambda: dequant_weight(packed, scale, zero, kept, cols=SHAPES[0][1], bits=BITS, groupsize=GROUPSIZE,
                                             backend="triton"), return_mode="median")
     t_dense = do_bench(lambda: dequant_weight(packed, scale, zero, None, cols=SHAPES[0][1], bits=BITS,
-                                              groupsize=GROUP, backend="triton"), return_mode="median")
+                                              groupsize=GROUPSIZE, backend="triton"), return_mode="median")
     print(f"\n4096x4096 dequant_weight with kept weights {t_all * 1e3:.1f} us, without {t_dense * 1e3:.1f} us")
 
 

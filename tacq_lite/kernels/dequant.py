@@ -46,6 +46,11 @@ def _dequant_kernel(
     tl.store(out_ptr + offs_r[:, None] * stride_or + offs_c[None, :], W.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _dequant_blocks() -> dict:
+    """Tile and warps: the fastest of a sweep on an H100 (bench/tune_kernels.py, BENCHMARKS.md)."""
+    return dict(BLOCK_R=8, BLOCK_C=64, num_warps=2)
+
+
 def _check(packed, scale, zero, kept, *, bits, cols, groupsize, dtype):
     rows, gs = check_packed(packed, scale, zero, bits=bits, cols=cols, groupsize=groupsize)
     if dtype not in OUT_DTYPES:
@@ -80,18 +85,16 @@ def dequantize_packed(
     scale = scale.expand(rows, -1)  # per-tensor [1, 1] -> stride 0 over rows
     zero = zero.expand(rows, -1)
     out = torch.empty(rows, cols, dtype=dtype, device=packed.device)  # [rows, cols]
-    # Measured on an H100 (bench/tune_kernels.py, BENCHMARKS.md): 8 x 64 tiles on 2 warps wrote
-    # 1.26-1.45 TB/s against 0.48-0.57 for the first guess, 32 x 64 on 4 warps.
-    BLOCK_R, BLOCK_C = 8, 64
-    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    cfg = _dequant_blocks()
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     _dequant_kernel[grid](
         packed, scale, zero, out,
         rows, cols, gs,
         packed.stride(0), scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1), out.stride(0),
-        BITS=bits, PER_WORD=CODES_PER_WORD[bits], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=2,
+        BITS=bits, PER_WORD=CODES_PER_WORD[bits], **cfg,
     )
-    # Kept weights by torch indexing. On an H100 this cost more than the dense decode (4096 x 4096,
-    # 0.35 % kept: 228 us with, 85 us without): kept_rows' repeat_interleave waits for the GPU.
+    # Kept weights by torch indexing: kept_rows' repeat_interleave waits for the GPU to size its
+    # output, which on an H100 cost more than the dense decode (BENCHMARKS.md).
     return _write_kept(out, kept)
 
 

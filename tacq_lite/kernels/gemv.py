@@ -39,11 +39,10 @@ X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _gemv_blocks(M: int) -> dict:
     """Block sizes and warps for a batch of M rows of x.
 
-    M = 1 (decoding one token): an H100 sweep of 92 configurations (bench/tune_kernels.py,
-    BENCHMARKS.md) put 4 rows x 256 columns on one warp first, 2.1x faster than the first
-    guess (16 x 256 on 4 warps) on Llama-3-8B shapes: many small programs keep more loads in
-    flight. M > 1 keeps the first guess, BLOCK_M * BLOCK_N * BLOCK_K <= 8192 on 4 warps,
-    which was checked on the GPU but not swept.
+    M = 1 (decoding one token) uses the fastest of a sweep on an H100 (bench/tune_kernels.py,
+    figures in BENCHMARKS.md): small row blocks on one warp. M > 1 keeps the sizes chosen
+    before any GPU measurement, BLOCK_M * BLOCK_N * BLOCK_K <= 8192 on 4 warps; they passed
+    the GPU tests but were not swept.
     """
     BLOCK_M = triton.next_power_of_2(M)
     if BLOCK_M == 1:
