@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tacq_lite import pack as P
-from tacq_lite import quant
 from tacq_lite.kernels import dequant_matmul, dequant_weight
+from test_kernels import dense_final, make_layer  # tests/ is on sys.path (rootdir conftest)
 
 RUN_HINT = "TRITON_INTERPRET=0 pytest tests/test_kernels_gpu.py"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -27,18 +27,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 
 
 def layer(rows, cols, *, bits, groupsize, kept_frac, seed):
-    """A quantized layer on the GPU and its W_final in float64 from quant.dequantize + mask."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)  # [rows, cols]
-    mask = torch.rand(rows, cols, generator=g) < kept_frac  # [rows, cols]
-    if kept_frac:
-        mask[3] = True  # a row with more kept entries than one CSR block
-        mask[20:50] = False  # row blocks with none
-    scale, zero = quant.find_params(W, bits=bits, groupsize=groupsize, mask=mask)
-    codes = quant.quantize(W, scale, zero, bits=bits)  # uint8 [rows, cols]
-    W_final = torch.where(mask, W.half().double(), quant.dequantize(codes, scale, zero).double())  # [rows, cols]
-    kept = P.SparseKept(*(t.cuda() for t in P.pack_sparse(W, mask))) if kept_frac else None
-    return P.pack(codes, bits=bits).cuda(), scale.cuda(), zero.cuda(), kept, W_final.cuda()
+    """test_kernels' quantized layer moved to the GPU, with its W_final in float64."""
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=bits, groupsize=groupsize, kept_frac=kept_frac,
+                                                           rows=rows, cols=cols, seed=seed)
+    W_final = dense_final(W, mask, codes, scale, zero)  # [rows, cols]
+    kept = P.SparseKept(*(t.cuda() for t in kept)) if kept is not None else None
+    return packed.cuda(), scale.cuda(), zero.cuda(), kept, W_final.cuda()
 
 
 @contextlib.contextmanager
