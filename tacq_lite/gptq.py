@@ -108,6 +108,16 @@ class GPTQ:
         x = math.sqrt(2 / self.nsamples) * x  # [n, cols]
         self.H += x.T @ x  # [cols, cols]
 
+    def copy_stats_from(self, other: GPTQ) -> None:
+        """Take other's Hessian: for a linear that reads the same inputs (q/k/v, gate/up).
+
+        Saves computing the same Σ x xᵀ once per linear; the true-sequential pass uses it.
+        """
+        if other.cols != self.cols:
+            raise ValueError(f"other has {other.cols} input columns, this layer {self.cols}.")
+        self.H = other.H.clone()
+        self.nsamples = other.nsamples
+
     def quantize(
         self,
         *,
@@ -164,32 +174,46 @@ class GPTQ:
         Qt = torch.zeros_like(Wt)  # [cols, rows] dequantized
         codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=W0.device)  # [cols, rows]
         loss = torch.zeros(rows, device=W0.device, dtype=torch.float64)  # [rows]
+        group_of = group_of.tolist()
+        if not grouped:
+            s, z = scale[:, 0], zero[:, 0]  # [rows] one grid per row for every column
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             W1 = Wt[i1:i2].clone()  # [b, rows] current values of the block
+            Q1 = torch.zeros_like(W1)  # [b, rows] dequantized values
+            C1 = torch.zeros_like(W1)  # [b, rows] integer codes, as floats
             Err1 = torch.zeros_like(W1)  # [b, rows] scaled errors (w − q) / d
             Hinv1 = Hinv_chol[i1:i2, i1:i2]  # [b, b]
+            d1 = torch.diag(Hinv1).tolist()  # Python floats: indexing a tensor per column costs more
+            free1 = free_t[i1:i2]  # [b, rows]
+            block_free = bool(free1.all())  # no kept or dead entry: skip the per-column select
+            # This loop runs once per column; each torch call costs microseconds of overhead, so
+            # quant.quantize/dequantize are inlined, work is done in place, and codes, values
+            # and the loss are written per block.
             for i in range(i2 - i1):
                 j = i1 + i  # permuted column index
-                g = group_of[j].item()
-                if grouped and not actorder and j % gs == 0:
-                    cur = W1[i : i + gs]  # [<=gs, rows] the in-block part is up to date
-                    if j + gs > i2:  # the group runs past the block: apply this block's pending updates
-                        rest = Wt[i2 : j + gs] - Hinv_chol[i1:j, i2 : j + gs].T @ Err1[:i]  # [j+gs-i2, rows]
-                        cur = torch.cat([cur, rest])  # [gs, rows]
-                    m = None if mask is None else mask[:, j : j + gs]
-                    s, z = quant.find_params(cur.T, bits=bits, sym=sym, mse=mse, mask=m)  # [rows, 1]
-                    scale[:, g : g + 1], zero[:, g : g + 1] = s, z
-                s, z = scale[:, g], zero[:, g]  # [rows]
+                if grouped:
+                    g = group_of[j]
+                    if not actorder and j % gs == 0:
+                        cur = W1[i : i + gs]  # [<=gs, rows] the in-block part is up to date
+                        if j + gs > i2:  # the group runs past the block: apply this block's pending updates
+                            rest = Wt[i2 : j + gs] - Hinv_chol[i1:j, i2 : j + gs].T @ Err1[:i]  # [j+gs-i2, rows]
+                            cur = torch.cat([cur, rest])  # [gs, rows]
+                        m = None if mask is None else mask[:, j : j + gs]
+                        fit_s, fit_z = quant.find_params(cur.T, bits=bits, sym=sym, mse=mse, mask=m)  # [rows, 1]
+                        scale[:, g : g + 1], zero[:, g : g + 1] = fit_s, fit_z
+                    s, z = scale[:, g], zero[:, g]  # [rows]
                 w = W1[i]  # [rows]
-                # quant.quantize/dequantize inlined: this line runs once per column, checks would dominate
-                c = torch.clamp(torch.round(w / s + z), 0, maxq)  # [rows] integer codes
-                q = s * (c - z)  # [rows]
-                codes_t[j], Qt[j] = c.to(torch.uint8), q
-                err = torch.where(free_t[j], (w - q) / Hinv1[i, i], 0.0)  # [rows], d = Hinv1[i, i]; kept/dead: no error
-                loss += err.double().square() / 2  # OBS cost of this column: (w − q)² / (2 d²)
+                c = torch.div(w, s).add_(z).round_().clamp_(0, maxq)  # [rows] integer codes
+                q = torch.sub(c, z).mul_(s)  # [rows] s·(c − z)
+                C1[i], Q1[i] = c, q
+                err = torch.sub(w, q).div_(d1[i])  # [rows], d = Hinv1[i, i]
+                if not block_free:
+                    err = torch.where(free1[i], err, 0.0)  # kept/dead entries send no error
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # [b − i, rows] compensate inside the block
                 Err1[i] = err
+            Qt[i1:i2], codes_t[i1:i2] = Q1, C1.to(torch.uint8)
+            loss += Err1.double().square().sum(0) / 2  # OBS cost of each column: (w − q)² / (2 d²)
             Wt[i2:] -= Hinv_chol[i1:i2, i2:].T @ Err1  # [cols − i2, rows] lazy update of the rest
 
         inv = torch.argsort(perm)  # undo act-order

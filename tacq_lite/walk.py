@@ -122,6 +122,77 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _inputs_of(run: Callable[[], object], watch: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Call run() (one forward) until every module in `watch` has received its input.
+
+    Returns {name: that input}. Pre-hooks stop the forward before the last watched module's
+    own matmul, which nothing here needs.
+    """
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(args, name):
+        got[name] = args[0].detach()
+        if len(got) == len(watch):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: hook(args, n)) for n, m in watch.items()]
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _staged_layer(layer: nn.Module, inps: list[torch.Tensor], kwargs: dict,
+                  quantize_group: Callable[..., None]) -> list[torch.Tensor]:
+    """One Llama-style decoder layer, run sub-group by sub-group over all windows.
+
+    Each stage starts from the previous stage's stored result, so the layer costs about one
+    forward per window; re-running the layer from its input for every sub-group costs about
+    2.4. quantize_group(group, inputs, shared=False) must quantize the group's linears from
+    inputs, an iterable of {linear name: its input} per window, before it returns; shared=True
+    says every linear of the group reads the same tensor. Returns the layer's
+    outputs, computed with the quantized linears.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = SEQUENTIAL_GROUPS
+    quantize_group(qkv, (dict.fromkeys(qkv, layer.input_layernorm(x)) for x in inps), shared=True)
+    # The attention context (o_proj's input) with the quantized q/k/v.
+    ctx = [_inputs_of(lambda x=x: attn(hidden_states=layer.input_layernorm(x), **kwargs),
+                      {o[0]: attn.o_proj})[o[0]] for x in inps]
+    quantize_group(o, ({o[0]: c} for c in ctx))
+    hidden = [x + attn.o_proj(c) for x, c in zip(inps, ctx)]  # residual stream after attention
+    del ctx
+    quantize_group(gate_up, (dict.fromkeys(gate_up, layer.post_attention_layernorm(h)) for h in hidden), shared=True)
+    acts = []
+    for h in hidden:
+        normed = layer.post_attention_layernorm(h)
+        acts.append(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    quantize_group(down, ({down[0]: a} for a in acts))
+    return [h + mlp.down_proj(a) for h, a in zip(hidden, acts)]
+
+
+def _can_stage(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> bool:
+    """True when _staged_layer reproduces the layer's own forward on window x.
+
+    Llama, Qwen2 and Mistral layers pass; a layer with extra norms or another residual layout
+    (Gemma 2, say) fails and is walked the generic way.
+    """
+    if not all(hasattr(layer, a) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")):
+        return False
+    if not all(hasattr(layer.mlp, a) for a in ("act_fn", "gate_proj", "up_proj", "down_proj")):
+        return False
+    try:
+        staged = _staged_layer(layer, [x], kwargs, lambda _group, _inputs, shared=False: None)[0]
+    except Exception:  # noqa: BLE001 - any failure means "walk this layer the generic way"
+        return False
+    own = _layer_output(layer(x, **kwargs))
+    return staged.shape == own.shape and torch.allclose(staged, own, rtol=1e-4, atol=1e-5 * own.abs().max().item())
+
+
 @torch.no_grad()
 def sequential_pass(
     model: nn.Module,
@@ -130,12 +201,21 @@ def sequential_pass(
     make_stats: Callable[[str, nn.Linear], object],
     finish: Callable[[str, nn.Linear, object], None],
     progress: bool = True,
+    staged: bool | None = None,
 ) -> None:
     """True-sequential layer-by-layer pass (GPTQ's driver), generic in the per-linear work.
 
     make_stats(name, linear) returns an object with `add_batch(x)`; after every window of a
     sub-group has been seen, finish(name, linear, stats) must update linear.weight in place.
-    Only one layer's activations ([n, seq_len, hidden] twice) are held at a time.
+
+    staged=None (default) runs a Llama-style layer stage by stage from stored intermediate
+    results (about one layer forward per window) whenever that reproduces the layer's own
+    forward, and any other layer by re-running it from its input for each sub-group, stopped
+    early by hooks. Both see the same inputs. staged=False forces the second way; staged=True
+    raises if a layer cannot be staged. In the staged way, linears that read one input (q/k/v,
+    gate/up) share statistics: if the stats object has copy_stats_from(other), only the first
+    linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's activations for all windows, at
+    most [n, seq_len, hidden] twice plus [n, seq_len, intermediate] once.
     """
     from tqdm.auto import tqdm
 
@@ -143,30 +223,31 @@ def sequential_pass(
     inps, kwargs = capture_layer0_inputs(model, windows)
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress)):
         linears = layer_linears(layer)
-        for group in SEQUENTIAL_GROUPS:
+
+        def quantize_group(group, inputs, shared=False, i=i, linears=linears):
             stats = {name: make_stats(f"model.layers.{i}.{name}", linears[name]) for name in group}
-            seen: set[str] = set()
-
-            def hook(module, args, name):
-                stats[name].add_batch(args[0].detach())
-                seen.add(name)
-                if len(seen) == len(group):
-                    raise _Stop  # the rest of the layer is not needed for this sub-group
-
-            # Pre-hooks: the last linear of a sub-group (v_proj, up_proj, down_proj, ...) is
-            # stopped before its own matmul, which nothing here needs.
-            handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in group]
-            try:
-                for x in inps:
-                    seen.clear()
-                    try:
-                        layer(x, **kwargs)
-                    except _Stop:
-                        pass
-            finally:
-                for h in handles:
-                    h.remove()
+            # In the staged way every linear of a sub-group reads one tensor; stats objects that
+            # can copy another's (GPTQ's Hessian) are fed once.
+            share = shared and all(hasattr(stats[n], "copy_stats_from") for n in group)
+            fed = group[:1] if share else group
+            for window in inputs:
+                for name in fed:
+                    stats[name].add_batch(window[name])
+            for name in group[1:] if share else ():
+                stats[name].copy_stats_from(stats[group[0]])
             for name in group:
                 finish(f"model.layers.{i}.{name}", linears[name], stats[name])
-        inps = [_layer_output(layer(x, **kwargs)) for x in inps]  # quantized outputs feed layer i+1
 
+        use_stages = staged is not False and _can_stage(layer, inps[0], kwargs)
+        if staged and not use_stages:
+            raise NotImplementedError(
+                f"decoder layer {i} ({type(layer).__name__}) does not follow the Llama layout "
+                "(norm, attention, residual, norm, gated MLP, residual); pass staged=None."
+            )
+        if use_stages:
+            inps = _staged_layer(layer, inps, kwargs, quantize_group)
+            continue
+        for group in SEQUENTIAL_GROUPS:
+            watch = {name: linears[name] for name in group}
+            quantize_group(group, (_inputs_of(lambda x=x: layer(x, **kwargs), watch) for x in inps))
+        inps = [_layer_output(layer(x, **kwargs)) for x in inps]  # quantized outputs feed layer i+1
