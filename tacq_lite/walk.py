@@ -7,7 +7,9 @@ module of tacq_lite receives linears or tensors from here and never walks a mode
 The true-sequential pass follows GPTQ (Frantar et al., 2022, Sec. 4 / reference `llama.py`):
 inputs of decoder layer 0 are captured once; inside each layer the linears are quantized
 in sub-groups (q/k/v, o, gate/up, down) so that each sub-group sees inputs produced by the
-already-quantized ones; the layer's quantized outputs feed the next layer.
+already-quantized ones; the layer's quantized outputs feed the next layer. A Llama-style layer
+is run stage by stage from stored intermediate results, so each layer costs about one forward
+per window; any other layer is re-run from its input for each sub-group.
 """
 from __future__ import annotations
 
