@@ -156,8 +156,8 @@ def _staged_layer(layer: nn.Module, inps: list[torch.Tensor], kwargs: dict,
     forward per window; re-running the layer from its input for every sub-group costs about
     2.4. quantize_group(group, inputs, shared=False) must quantize the group's linears from
     inputs, an iterable of {linear name: its input} per window, before it returns; shared=True
-    says every linear of the group reads the same tensor. Returns the layer's
-    outputs, computed with the quantized linears.
+    says every linear of the group reads the same tensor. Returns the layer's outputs,
+    computed with the quantized linears.
     """
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = SEQUENTIAL_GROUPS
@@ -216,8 +216,9 @@ def sequential_pass(
     early by hooks. Both see the same inputs. staged=False forces the second way; staged=True
     raises if a layer cannot be staged. In the staged way, linears that read one input (q/k/v,
     gate/up) share statistics: if the stats object has copy_stats_from(other), only the first
-    linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's activations for all windows, at
-    most [n, seq_len, hidden] twice plus [n, seq_len, intermediate] once.
+    linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's
+    activations for all windows, at most [n, seq_len, hidden] twice plus
+    [n, seq_len, intermediate] once.
     """
     from tqdm.auto import tqdm
 

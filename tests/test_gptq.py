@@ -253,3 +253,19 @@ def test_bad_arguments(kwargs, error, match):
     kwargs = {"bits": 4, **kwargs}
     with pytest.raises(error, match=match):
         gptq.quantize(**kwargs)
+
+
+def test_copy_stats_from_gives_the_hessian_of_the_same_inputs():
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
+    fed, copied = GPTQ(torch.randn(4, 16)), GPTQ(torch.randn(6, 16))
+    fed.add_batch(x[:1])
+    fed.add_batch(x[1:])
+    copied.copy_stats_from(fed)
+    direct = GPTQ(torch.randn(6, 16))
+    for window in x:
+        direct.add_batch(window[None])
+    assert torch.allclose(copied.H, direct.H) and copied.nsamples == direct.nsamples == 16
+    fed.H += 1  # a copy, not a view
+    assert torch.allclose(copied.H, direct.H)
+    with pytest.raises(ValueError, match="input columns"):
+        GPTQ(torch.randn(4, 12)).copy_stats_from(fed)
