@@ -7,6 +7,7 @@
     python bench/bench_quality.py tasks --eval-tokens 4096         # issue 6's matrix: MMLU, GSM8K, synthetic
     python bench/bench_quality.py generation --eval-tokens 4096    # GSM8K chain-of-thought generation, 10 questions
     python bench/bench_quality.py selectors-mse --eval-tokens 4096 # tacq vs msg with MSE grids, 0.35 % and 1 %
+    python bench/bench_quality.py selectors-1pct --eval-tokens 4096  # every selector at 1 % kept, min/max grids
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -57,6 +58,11 @@ SUITES = {
                for c in ("wikitext2", "gsm8k", "mmlu")])
     ],
 }
+# The selector table at the larger budget, 1 % kept, same settings; the Q(W), gradients, Hessian
+# diagonals and squared gradients come from the score cache the "selectors" suite leaves.
+SUITES["selectors-1pct"] = [
+    dict(row, ratio=0.01) for row in SUITES["selectors"] if row["method"] == "tacq" and "qw_method" not in row
+]
 # The selector table's main comparison with GPTQ's MSE range search on (the paper's setting and the CLI
 # default): TaCQ against msg, the best selector on min/max grids, at both budgets, beside GPTQ alone.
 # The gptq row and the two tacq rows are the same configurations as the gptq suite's row and the
