@@ -180,16 +180,14 @@ class GPTQ:
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             W1 = Wt[i1:i2].clone()  # [b, rows] current values of the block
-            Q1 = torch.zeros_like(W1)  # [b, rows] dequantized values
-            C1 = torch.zeros_like(W1)  # [b, rows] integer codes, as floats
             Err1 = torch.zeros_like(W1)  # [b, rows] scaled errors (w − q) / d
             Hinv1 = Hinv_chol[i1:i2, i1:i2]  # [b, b]
             d1 = torch.diag(Hinv1).tolist()  # Python floats: indexing a tensor per column costs more
             free1 = free_t[i1:i2]  # [b, rows]
             block_free = bool(free1.all())  # no kept or dead entry: skip the per-column select
             # This loop runs once per column; each torch call costs microseconds of overhead, so
-            # quant.quantize/dequantize are inlined, work is done in place, and codes, values
-            # and the loss are written per block.
+            # quant.quantize/dequantize are inlined, work is done in place, and the loss is
+            # summed per block.
             for i in range(i2 - i1):
                 j = i1 + i  # permuted column index
                 if grouped:
@@ -206,13 +204,12 @@ class GPTQ:
                 w = W1[i]  # [rows]
                 c = torch.div(w, s).add_(z).round_().clamp_(0, maxq)  # [rows] integer codes
                 q = torch.sub(c, z).mul_(s)  # [rows] s·(c − z)
-                C1[i], Q1[i] = c, q
+                codes_t[j], Qt[j] = c, q  # assignment casts the codes to uint8
                 err = torch.sub(w, q).div_(d1[i])  # [rows], d = Hinv1[i, i]
                 if not block_free:
                     err = torch.where(free1[i], err, 0.0)  # kept/dead entries send no error
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # [b − i, rows] compensate inside the block
                 Err1[i] = err
-            Qt[i1:i2], codes_t[i1:i2] = Q1, C1.to(torch.uint8)
             loss += Err1.double().square().sum(0) / 2  # OBS cost of each column: (w − q)² / (2 d²)
             Wt[i2:] -= Hinv_chol[i1:i2, i2:].T @ Err1  # [cols − i2, rows] lazy update of the rest
 
