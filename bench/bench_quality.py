@@ -8,6 +8,7 @@
     python bench/bench_quality.py generation --eval-tokens 4096    # GSM8K chain-of-thought generation, 10 questions
     python bench/bench_quality.py selectors-mse --eval-tokens 4096 # tacq vs msg with MSE grids, 0.35 % and 1 %
     python bench/bench_quality.py selectors-1pct --eval-tokens 4096  # every selector at 1 % kept, min/max grids
+    python bench/bench_quality.py selectors-2bit --eval-tokens 4096  # every selector at 2-bit g64, both budgets
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -69,6 +70,15 @@ SUITES["selectors-1pct"] = [
 # end-to-end `tacq-lite quantize` runs in BENCHMARKS.md.
 SUITES["selectors-mse"] = [dict(method="gptq", bits=3, groupsize=-1)] + [
     dict(method="tacq", bits=3, groupsize=-1, selector=s, ratio=r) for r in (0.0035, 0.01) for s in ("tacq", "msg")
+]
+# Every selector at 2 bits with groups of 64 (min/max grids), at both budgets: the paper's claim is
+# strongest at 2 bits. hessian first (its Q(W) pass records the Hessian diagonals at this setting);
+# the gradients (and fisher's squares) do not depend on the bits and come from the "selectors" cache.
+SUITES["selectors-2bit"] = [dict(method="gptq", bits=2, groupsize=64, mse=False)] + [
+    dict(method="tacq", bits=2, groupsize=64, mse=False, selector=s, ratio=r)
+    for r in (0.0035, 0.01)
+    for s in ("hessian", "fisher", "tacq", "magnitude", "gradient", "qal", "msg", "activation", "owq_columns",
+              "random")
 ]
 # GSM8K greedy chain-of-thought generation (exact match of the final number) with the answer NLL of
 # the same questions: the tasks suite's 3-bit rows (their score cache serves the TaCQ rows), MMLU
