@@ -90,13 +90,19 @@ def _range_to_params(xmin, xmax, *, maxq: int, sym: bool, round_zero: bool = Tru
     return scale, zero
 
 
-def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, round_zero, budget=1 << 13):
+def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, round_zero, budget=1 << 13, slack=1e-4):
     """Try ranges shrunk by p = 1, 0.99, ... and keep, per row, the one with least sum |err|^norm.
 
     x [n, g]; all shrink factors of a chunk of rows are scored at once ([rows, P, g]), which
     is about twice as fast on CPU as one pass over x per factor. Ties keep the widest range.
     `budget` (elements of x per chunk) keeps the [rows, P, g] temporary near 2.6 MB, in cache;
-    the in-place chain below allocates it once. Both cut the search's time by a third on CPU.
+    the in-place chain below allocates it once.
+
+    |err|^2.4 by `pow` is most of the search's time on CPU, so every shrink factor is first
+    scored with exp(norm · log|err|), about three times cheaper and within ~2e-6 of `pow` per
+    element. Only the factors within `slack` (relative) of a row's best screened score can be
+    its best, and only those (usually one or two of the 80) are scored again with `pow`: the
+    result is exactly what scoring all of them with `pow` gives.
     """
     p = 1 - torch.arange(int(maxshrink * grid), dtype=x.dtype, device=x.device) / grid  # [P]
     scales, zeros = [], []
@@ -106,10 +112,14 @@ def _mse_search(x, xmin, xmax, *, maxq, sym, norm, grid, maxshrink, round_zero, 
         s, z = _range_to_params((xmin[r : r + step, None] * p).flatten(), (xmax[r : r + step, None] * p).flatten(),
                                 maxq=maxq, sym=sym, round_zero=round_zero)
         s, z = s.view(-1, len(p), 1), z.view(-1, len(p), 1)  # [c, P, 1]
-        # |s·(clamp(round(x/s + z), 0, maxq) − z) − x|^norm, in one buffer
-        err = torch.div(xc, s).add_(z).round_().clamp_(0, maxq).sub_(z).mul_(s).sub_(xc)  # [c, P, g]
-        err = err.abs_().pow_(norm).sum(-1)  # [c, P]
-        best = err.argmin(1, keepdim=True)  # [c, 1]; the first minimum = the widest range
+        # |s·(clamp(round(x/s + z), 0, maxq) − z) − x|, in one buffer
+        err = torch.div(xc, s).add_(z).round_().clamp_(0, maxq).sub_(z).mul_(s).sub_(xc).abs_()  # [c, P, g]
+        screen = torch.log(err).mul_(norm).exp_().sum(-1)  # [c, P] ≈ Σ |err|^norm
+        near = screen <= screen.amin(1, keepdim=True) * (1 + slack)  # [c, P] the candidates for the best
+        ci, pi = near.nonzero(as_tuple=True)  # [K] each
+        score = torch.full_like(screen, float("inf"))  # [c, P]
+        score[ci, pi] = err[ci, pi].pow_(norm).sum(-1)  # [K, g] -> [K], exact
+        best = score.argmin(1, keepdim=True)  # [c, 1]; the first minimum = the widest range
         scales.append(s[..., 0].gather(1, best)[:, 0])
         zeros.append(z[..., 0].gather(1, best)[:, 0])
     return torch.cat(scales), torch.cat(zeros)

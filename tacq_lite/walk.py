@@ -161,18 +161,18 @@ def _staged_layer(layer: nn.Module, inps: list[torch.Tensor], kwargs: dict,
     """
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = SEQUENTIAL_GROUPS
-    quantize_group(qkv, (dict.fromkeys(qkv, layer.input_layernorm(x)) for x in inps), shared=True)
+    normed = [layer.input_layernorm(x) for x in inps]  # q/k/v's input, kept for the attention below
+    quantize_group(qkv, (dict.fromkeys(qkv, n) for n in normed), shared=True)
     # The attention context (o_proj's input) with the quantized q/k/v.
-    ctx = [_inputs_of(lambda x=x: attn(hidden_states=layer.input_layernorm(x), **kwargs),
-                      {o[0]: attn.o_proj})[o[0]] for x in inps]
+    ctx = [_inputs_of(lambda n=n: attn(hidden_states=n, **kwargs), {o[0]: attn.o_proj})[o[0]] for n in normed]
+    del normed
     quantize_group(o, ({o[0]: c} for c in ctx))
     hidden = [x + attn.o_proj(c) for x, c in zip(inps, ctx)]  # residual stream after attention
     del ctx
-    quantize_group(gate_up, (dict.fromkeys(gate_up, layer.post_attention_layernorm(h)) for h in hidden), shared=True)
-    acts = []
-    for h in hidden:
-        normed = layer.post_attention_layernorm(h)
-        acts.append(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    normed = [layer.post_attention_layernorm(h) for h in hidden]  # gate/up's input
+    quantize_group(gate_up, (dict.fromkeys(gate_up, n) for n in normed), shared=True)
+    acts = [mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n) for n in normed]
+    del normed
     quantize_group(down, ({down[0]: a} for a in acts))
     return [h + mlp.down_proj(a) for h, a in zip(hidden, acts)]
 
@@ -212,18 +212,19 @@ def sequential_pass(
 
     staged=None (default) runs a Llama-style layer stage by stage from stored intermediate
     results (about one layer forward per window) whenever that reproduces the layer's own
-    forward, and any other layer by re-running it from its input for each sub-group, stopped
+    forward (checked on the first window of the first layer of each kind), and any other layer by re-running it from its input for each sub-group, stopped
     early by hooks. Both see the same inputs. staged=False forces the second way; staged=True
     raises if a layer cannot be staged. In the staged way, linears that read one input (q/k/v,
     gate/up) share statistics: if the stats object has copy_stats_from(other), only the first
     linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's
-    activations for all windows, at most [n, seq_len, hidden] twice plus
+    activations for all windows, at most [n, seq_len, hidden] three times plus
     [n, seq_len, intermediate] once.
     """
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
     inps, kwargs = capture_layer0_inputs(model, windows)
+    stageable: dict[tuple, bool] = {}  # checked once per layer class and forward function
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress)):
         linears = layer_linears(layer)
 
@@ -241,7 +242,10 @@ def sequential_pass(
             for name in group:
                 finish(f"model.layers.{i}.{name}", linears[name], stats[name])
 
-        use_stages = staged is not False and _can_stage(layer, inps[0], kwargs)
+        kind = (type(layer), getattr(layer.forward, "__func__", layer.forward))  # a patched forward is its own kind
+        if staged is not False and kind not in stageable:
+            stageable[kind] = _can_stage(layer, inps[0], kwargs)
+        use_stages = staged is not False and stageable[kind]
         if staged and not use_stages:
             raise NotImplementedError(
                 f"decoder layer {i} ({type(layer).__name__}) does not follow the Llama layout "

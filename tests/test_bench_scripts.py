@@ -42,3 +42,19 @@ def test_importance_memory_prediction_for_llama3_8b(tmp_path):
     assert rec["targeted_weights"] == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336)
     assert rec["predicted_gib"]["on_device"] == rec["predicted_gib"]["weights"]  # accumulators on the host
     assert 29 < rec["predicted_gib"]["weights"] < 31  # 8.03 B fp32 parameters
+
+
+def test_gptq_pass_compare_counts_the_weights_that_differ(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    bench = load("bench_gptq_pass")
+    a = {"l0": torch.zeros(4, 8), "l1": torch.ones(2, 2)}
+    b = {"l0": torch.zeros(4, 8), "l1": torch.tensor([[1.0, 1.5], [1.0, 1.0]])}
+    save_file(a, tmp_path / "a.safetensors"), save_file(b, tmp_path / "b.safetensors")
+    bench.compare(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    out = capsys.readouterr().out
+    assert "1 of 36 weights differ" in out and "largest difference 0.5" in out
+    save_file({"l0": torch.zeros(4, 8)}, tmp_path / "c.safetensors")
+    with pytest.raises(SystemExit, match="different linears"):
+        bench.compare(str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"))

@@ -209,11 +209,24 @@ def test_dead_column_is_rounded_and_decoupled():
     assert torch.isfinite(res.W_hat).all()
 
 
+def test_inverse_hessian_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    x = torch.randn(200, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    H = 2 / 200 * x.T @ x  # [24, 24]
+    U, diag, damp = inverse_hessian(H, percdamp=0.01)
+    want = torch.linalg.cholesky(torch.linalg.inv(H + damp * torch.eye(24, dtype=H.dtype)), upper=True)
+    assert damp == pytest.approx(0.01 * torch.diag(H).mean().item())
+    assert torch.equal(U, U.triu()) and (torch.diag(U) > 0).all()
+    torch.testing.assert_close(U, want)  # the Cholesky factor is unique: the same matrix
+    torch.testing.assert_close(diag, torch.diag(torch.linalg.inv(H + damp * torch.eye(24, dtype=H.dtype))))
+
+
 def test_cholesky_retries_with_more_damping():
     H = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))  # indefinite: damp 0.00625 and 0.0625 fail
-    Hinv, Hinv_chol, damp = inverse_hessian(H, percdamp=0.01)
+    Hinv_chol, Hinv_diag, damp = inverse_hessian(H, percdamp=0.01)
     assert damp == pytest.approx(100 * 0.01 * 0.625)
+    Hinv = torch.linalg.inv(H + damp * torch.eye(4))
     torch.testing.assert_close(Hinv_chol.T @ Hinv_chol, Hinv)
+    torch.testing.assert_close(Hinv_diag, torch.diag(Hinv))
     with pytest.raises(RuntimeError, match="percdamp"):
         inverse_hessian(torch.diag(torch.tensor([1.0, 1.0, 1.0, -1e6])), percdamp=0.01)
 
@@ -229,6 +242,18 @@ def test_quantize_before_add_batch():
 def test_add_batch_wrong_width():
     with pytest.raises(ValueError, match="input columns"):
         GPTQ(torch.randn(4, 8)).add_batch(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_add_batch_rejects_non_finite_inputs_and_keeps_the_hessian(bad):
+    gptq = GPTQ(torch.randn(4, 8))
+    gptq.add_batch(torch.randn(5, 8))
+    H, n = gptq.H.clone(), gptq.nsamples
+    x = torch.randn(3, 8)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        gptq.add_batch(x)
+    assert torch.equal(gptq.H, H) and gptq.nsamples == n
 
 
 def test_not_a_layer():

@@ -63,6 +63,32 @@ def test_mse_search_reduces_error_with_outliers():
     assert searched < plain
 
 
+def _mse_search_with_pow(x, *, bits, sym):
+    """Score every shrink factor with pow, the plain way the screened search must reproduce."""
+    p = 1 - torch.arange(80, dtype=x.dtype) / 100  # [P]
+    xmin, xmax = x.min(1).values, x.max(1).values  # [n]
+    s, z = quant._range_to_params((xmin[:, None] * p).flatten(), (xmax[:, None] * p).flatten(), maxq=2**bits - 1,
+                                  sym=sym)
+    s, z = s.view(len(x), len(p), 1), z.view(len(x), len(p), 1)  # [n, P, 1]
+    err = (torch.clamp(torch.round(x[:, None] / s + z), 0, 2**bits - 1) - z) * s - x[:, None]  # [n, P, g]
+    best = err.abs().pow(2.4).sum(-1).argmin(1, keepdim=True)  # [n, 1]
+    return s[..., 0].gather(1, best)[:, 0], z[..., 0].gather(1, best)[:, 0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("g", [8, 64, 576])
+def test_mse_search_picks_what_scoring_every_range_with_pow_picks(bits, sym, g):
+    """The log/exp screen only shortlists; the grid chosen must be exactly pow's choice, ties included."""
+    gen = torch.Generator().manual_seed(bits * 1000 + g)
+    x = torch.randn(max(64, 16384 // g), g, generator=gen)  # [n, g]
+    x[::3] = x[::3] ** 3  # heavy tails: the best range then shrinks
+    x[1::5] = torch.round(x[1::5] * 2) / 2  # values on a coarse grid: exact ties between ranges
+    want_s, want_z = _mse_search_with_pow(x, bits=bits, sym=sym)
+    s, z = quant.find_params(x, bits=bits, sym=sym, mse=True)  # [n, 1]
+    assert torch.equal(s[:, 0], want_s) and torch.equal(z[:, 0], want_z)
+
+
 def test_mask_ignored_in_fit_and_exact():
     W = _w(8, 32)
     mask = torch.zeros_like(W, dtype=torch.bool)

@@ -127,3 +127,27 @@ def test_a_layer_off_the_llama_layout_is_walked_the_generic_way():
     layer.forward = lambda *a, **k: own(*a, **k) * 0.5
     with pytest.raises(NotImplementedError, match="Llama layout"):
         _gptq_pass(model, windows, staged=True)
+
+
+def test_staging_is_checked_once_per_kind_of_layer(monkeypatch):
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    checked, staged = [], []
+    can_stage, staged_layer = walk._can_stage, walk._staged_layer
+    monkeypatch.setattr(walk, "_can_stage", lambda layer, *a: checked.append(layer) or can_stage(layer, *a))
+    def record(layer, inps, *a):  # the check stages one window; a real pass all of them
+        if len(inps) == len(windows):
+            staged.append(layer)
+        return staged_layer(layer, inps, *a)
+
+    monkeypatch.setattr(walk, "_staged_layer", record)
+    model = tiny_llama(layers=3)
+    layers = list(walk.decoder_layers(model))
+    _gptq_pass(model, windows)
+    assert checked == layers[:1] and staged == layers  # three layers of one class: one check
+    checked.clear(), staged.clear()
+    model = tiny_llama(layers=3)
+    layers = list(walk.decoder_layers(model))
+    own = layers[1].forward  # layer 1 alone gets another residual layout: it must not be staged
+    layers[1].forward = lambda *a, **k: own(*a, **k) * 0.5
+    _gptq_pass(model, windows)
+    assert checked == layers[:2] and staged == [layers[0], layers[2]]
