@@ -58,3 +58,15 @@ def test_gptq_pass_compare_counts_the_weights_that_differ(tmp_path, capsys):
     save_file({"l0": torch.zeros(4, 8)}, tmp_path / "c.safetensors")
     with pytest.raises(SystemExit, match="different linears"):
         bench.compare(str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"))
+
+
+def test_mask_layer_error_on_a_tiny_llama(capsys):
+    bench = load("mask_layer_error")
+    rows = bench.main(["--tiny", "--n-calib", "2", "--seq-len", "16", "--ratios", "0,0.05"])
+    assert len(rows) == 2 * 7  # every linear of the layer, no mask and one random mask
+    for r in rows:
+        assert r["layer_error"] > 0 and r["gptq_loss"] > 0
+        assert (r["kept"] > 0) == (r["ratio"] > 0)
+    assert "| self_attn.q_proj | 5.00% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="decoder layers"):
+        bench.main(["--tiny", "--layer", "7"])
