@@ -212,8 +212,9 @@ def sequential_pass(
 
     staged=None (default) runs a Llama-style layer stage by stage from stored intermediate
     results (about one layer forward per window) whenever that reproduces the layer's own
-    forward (checked on the first window of the first layer of each kind), and any other layer by re-running it from its input for each sub-group, stopped
-    early by hooks. Both see the same inputs. staged=False forces the second way; staged=True
+    forward (checked on the first window, once per kind of layer), and any other layer by
+    re-running it from its input for each sub-group, stopped early by hooks. Both see the same
+    inputs. staged=False forces the second way; staged=True
     raises if a layer cannot be staged. In the staged way, linears that read one input (q/k/v,
     gate/up) share statistics: if the stats object has copy_stats_from(other), only the first
     linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's
