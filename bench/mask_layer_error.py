@@ -26,19 +26,14 @@ from tacq_lite.gptq import GPTQ, reconstruction_error  # noqa: E402
 
 
 def layer_inputs(model, windows: torch.Tensor, layer_index: int) -> dict[str, torch.Tensor]:
-    """{linear name: its inputs [n·seq_len, cols]} in one decoder layer, full precision."""
-    layer = walk.decoder_layers(model)[layer_index]
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [lin.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, []).append(args[0].detach()))
-             for name, lin in walk.layer_linears(layer).items()]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model(window[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for n, xs in seen.items()}
+    """{linear name: its inputs [n·seq_len, cols]} in one decoder layer, full precision.
+
+    walk._inputs_of stops each forward at the layer's last linear, so later layers never run.
+    """
+    linears = walk.layer_linears(walk.decoder_layers(model)[layer_index])
+    with torch.no_grad():
+        seen = [walk._inputs_of(lambda w=w: model(w[None], use_cache=False), linears) for w in windows]
+    return {n: torch.cat([s[n] for s in seen]).reshape(-1, lin.in_features) for n, lin in linears.items()}
 
 
 def run(model, windows, *, layer_index: int, ratios: list[float], bits: int, mse: bool, seed: int) -> list[dict]:
