@@ -64,6 +64,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", default=d.selector, help="TaCQ: score that picks the kept weights")
     p.add_argument("--ratio", type=float, default=d.ratio, help="TaCQ: fraction of weights kept in 16-bit")
     p.add_argument("--qw-method", default=d.qw_method, choices=("gptq", "rtn"), help="TaCQ: how Q(W) is made")
+    p.add_argument("--no-parallel", dest="parallel", action="store_false",
+                   help="TaCQ: no forked worker; the backward passes run after the first GPTQ pass")
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
     p.add_argument("--save", default=None, help="save the quantized model here, packed (load it with `eval --load`)")
     p.add_argument("--overwrite", action="store_true", help="--save may replace a tacq_lite model saved there")

@@ -31,6 +31,9 @@ class QuantConfig:
     selector: str = "tacq"  # which score picks the kept weights
     ratio: float = 0.0035  # fraction of targeted weights kept in 16-bit (the authors' default)
     qw_method: str = "gptq"  # how Q(W) in |W|·|G|·|Q(W)−W| is made: gptq (as the authors) or rtn
+    # On a multi-core CPU (Linux): run the backward passes in a forked single-threaded process
+    # beside the first GPTQ pass (importance.GradientWorker). False: one after the other.
+    parallel: bool = True
     # evaluation
     evals: tuple[str, ...] = ()  # "wikitext2", "mmlu", "gsm8k", "synthetic" or text files
     eval_tokens: int = 4096  # cap per perplexity set, to keep CPU runs short

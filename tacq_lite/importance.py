@@ -28,6 +28,10 @@ train mode with every dropout disabled for the duration).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import mmap
+import sys
 import time
 import warnings
 from typing import NamedTuple, Sequence
@@ -78,10 +82,20 @@ def _as_pairs(samples, loss: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def sample_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions t >= 1 with mask[t] True (a scalar)."""
-    logits = model(input_ids=ids[None], use_cache=False).logits[0]  # [T, vocab]
-    nll = F.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")  # [T-1]: token t+1 given ..t
-    return nll[mask[1:]].mean()
+    """Mean next-token cross-entropy over the positions t >= 1 with mask[t] True (a scalar).
+
+    The LM head runs only where the loss reads it: at t - 1 for every scored token t
+    (transformers' `logits_to_keep`). On a text window that drops one position of 512; on a
+    task sample scored on its answer it drops most of the [T, vocab] logits, and with them the
+    largest tensors of the backward pass. Models whose forward lacks `logits_to_keep` get the
+    full logits, then the same rows are picked.
+    """
+    pos = mask[1:].nonzero().squeeze(1)  # [k] positions whose next token is scored
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=pos).logits[0]  # [k, vocab]
+    else:
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, pos]  # [k, vocab]
+    return F.cross_entropy(logits.float(), ids[pos + 1])  # mean over the k scored tokens
 
 
 def _blocked_error(names: Sequence[str], n_targets: int) -> RuntimeError:
@@ -111,43 +125,39 @@ def _disable_checkpointing(model: nn.Module) -> None:
     disable()
 
 
-def accumulate_gradients(
-    model: nn.Module,
-    samples: torch.Tensor | Sequence[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    loss: str = "auto",  # auto: "answer" for (ids, mask) pairs, "all" for text windows
-    squares: bool = False,  # also Σ g² (the Fisher diagonal of SqueezeLLM-style scores)
-    accum_dtype: torch.dtype = torch.float32,
-    accum_device: torch.device | str | None = None,  # None: beside each weight
-    checkpointing: bool = False,
-    progress: bool = True,
-) -> GradResult:
-    """One forward/backward per sample; returns Σ|g| (and Σg²) per targeted linear weight.
+@contextlib.contextmanager
+def _gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointing: bool = False):
+    """Set the model up for accumulation; yields run(ids, mask) -> scored tokens, one sample each.
 
-    The model comes back unchanged: same requires_grad flags, training mode and no .grad.
+    Inside, only the targeted weights require grad, and a hook on each folds |grad| (and grad²)
+    into G (G2) and frees the gradient. On exit the model is as it was: same requires_grad
+    flags, training mode and no .grad.
     """
-    from tqdm.auto import tqdm
-
-    pairs = _as_pairs(samples, loss)
-    linears = walk.named_linears(model)
-    targets = {name: lin.weight for name, lin in linears.items()}
-    if any(w.dtype != torch.float32 for w in targets.values()):
-        warnings.warn("TaCQ's gradients are computed in float32 (as the authors do); this model is not float32.")
+    targets = {name: lin.weight for name, lin in walk.named_linears(model).items()}
     device = next(iter(targets.values())).device
-    G = {n: torch.zeros(w.shape, dtype=accum_dtype, device=accum_device or w.device) for n, w in targets.items()}
-    G2 = {n: torch.zeros_like(g) for n, g in G.items()} if squares else None
     fired: set[str] = set()
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
             g = p.grad  # [rows, cols] this sample's gradient; freed below
             if G2 is not None:
-                G2[name].add_(g.square().to(G2[name]))
-            G[name].add_(g.abs_().to(G[name]))  # abs per sample, before summing (Sec. 3.2)
+                G2[name].add_(g.square().to(G2[name].device))
+            # abs per sample, before summing (Sec. 3.2). add_ casts to the accumulator's dtype on the fly.
+            G[name].add_(g.abs_().to(G[name].device))
             p.grad = None
             fired.add(name)
 
         return hook
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> int:
+        fired.clear()
+        lossval = sample_loss(model, ids.to(device), mask.to(device))
+        if lossval.grad_fn is None:
+            raise _blocked_error(list(targets), len(targets))
+        lossval.backward()
+        if len(fired) != len(targets):
+            raise _blocked_error([n for n in targets if n not in fired], len(targets))
+        return int(mask[1:].sum())
 
     frozen = [n for n, p in model.named_parameters() if p.is_inference()]
     if frozen:  # their requires_grad could neither be set nor restored
@@ -159,7 +169,6 @@ def accumulate_gradients(
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     handles = []
-    start, n_tokens = time.perf_counter(), 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -170,15 +179,7 @@ def accumulate_gradients(
         if checkpointing:
             _enable_checkpointing(model)
         with torch.inference_mode(False), torch.enable_grad():
-            for i, (ids, mask) in enumerate(tqdm(pairs, desc="gradients", disable=not progress)):
-                fired.clear()
-                lossval = sample_loss(model, ids.to(device), mask.to(device))
-                if lossval.grad_fn is None:
-                    raise _blocked_error(list(targets), len(targets))
-                lossval.backward()
-                if len(fired) != len(targets):
-                    raise _blocked_error([n for n in targets if n not in fired], len(targets))
-                n_tokens += int(mask[1:].sum())
+            yield run
     finally:
         for h in handles:
             h.remove()
@@ -188,5 +189,181 @@ def accumulate_gradients(
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _check_float32(model: nn.Module) -> None:
+    if any(lin.weight.dtype != torch.float32 for lin in walk.named_linears(model).values()):
+        warnings.warn("TaCQ's gradients are computed in float32 (as the authors do); this model is not float32.")
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    samples: torch.Tensor | Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss: str = "auto",  # auto: "answer" for (ids, mask) pairs, "all" for text windows
+    squares: bool = False,  # also Σ g² (the Fisher diagonal of SqueezeLLM-style scores)
+    accum_dtype: torch.dtype = torch.float32,
+    accum_device: torch.device | str | None = None,  # None: beside each weight
+    checkpointing: bool = False,
+    workers: int = 1,  # 2: this process and a forked one, one thread each (GradientWorker)
+    progress: bool = True,
+) -> GradResult:
+    """One forward/backward per sample; returns Σ|g| (and Σg²) per targeted linear weight.
+
+    The model comes back unchanged: same requires_grad flags, training mode and no .grad.
+    """
+    from tqdm.auto import tqdm
+
+    if workers not in (1, 2):
+        raise ValueError(f"workers={workers!r}: use 1 (this process) or 2 (plus one forked worker).")
+    if workers == 2:
+        if accum_dtype != torch.float32 or accum_device is not None or checkpointing:
+            raise ValueError("workers=2 runs on the CPU with its own float64 accumulators; leave accum_dtype, "
+                             "accum_device and checkpointing at their defaults.")
+        return GradientWorker(model, samples, loss=loss, squares=squares).result(progress=progress)
+    pairs = _as_pairs(samples, loss)
+    _check_float32(model)
+    weights = {n: lin.weight for n, lin in walk.named_linears(model).items()}
+    G = {n: torch.zeros(w.shape, dtype=accum_dtype, device=accum_device or w.device) for n, w in weights.items()}
+    G2 = {n: torch.zeros_like(g) for n, g in G.items()} if squares else None
+    start, n_tokens = time.perf_counter(), 0
+    with _gradient_session(model, G, G2, checkpointing=checkpointing) as run:
+        for ids, mask in tqdm(pairs, desc="gradients", disable=not progress):
+            n_tokens += run(ids, mask)
     seconds = (time.perf_counter() - start) / len(pairs)
     return GradResult(G, G2, len(pairs), n_tokens, seconds)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the enclosed torch work on one thread (restored on exit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class GradientWorker:
+    """The backward passes, shared between this process and a forked one, one thread each.
+
+    On a CPU with few cores, two single-threaded processes get through more of this work than
+    one process with two threads: at 512 tokens the matrices are small and the many elementwise
+    ops do not split well (BENCHMARKS.md, "Two single-threaded processes"). TaCQ's first GPTQ
+    pass does not need the gradients, so `tacq.compute_importance` starts the worker, runs that
+    pass on one thread meanwhile, and then calls `result()`, where this process takes the
+    samples still left. Samples are handed out one at a time from a shared counter, so both
+    processes finish together however long the other work took.
+
+    The forked process sees the model as it was when the worker started (copy-on-write); later
+    changes to the model here do not reach it. Both processes sum into float64 accumulators
+    (the worker's in shared memory), so the result does not depend on which process took which
+    sample: it equals the one-process sum to float32 rounding. Linux and CPU only (`fork`);
+    `usable(model)` says whether it can run.
+    """
+
+    def __init__(self, model: nn.Module, samples, *, loss: str = "auto", squares: bool = False):
+        import multiprocessing
+
+        if not self.usable(model, any_threads=True):
+            raise RuntimeError("GradientWorker needs Linux (fork) and a model on the CPU; use workers=1.")
+        self._pairs = _as_pairs(samples, loss)
+        _check_float32(model)
+        self._model = model
+        shapes = {n: tuple(lin.weight.shape) for n, lin in walk.named_linears(model).items()}
+        ctx = multiprocessing.get_context("fork")
+        self._next = ctx.Value("q", 0)  # index of the next sample to take
+        self._done = ctx.Value("q", 0)  # samples finished, by either process
+        self._child_tokens = ctx.Value("q", 0)
+        self._errors = ctx.SimpleQueue()
+        # The worker's accumulators live in an anonymous shared mapping (not /dev/shm, which may be small).
+        numel = sum(r * c for r, c in shapes.values()) * (2 if squares else 1)
+        self._buffer = mmap.mmap(-1, max(8 * numel, 8))
+        flat = torch.frombuffer(self._buffer, dtype=torch.float64, count=numel)  # [numel] zeros
+        views, offset = {}, 0
+        for part in ("G", "G2") if squares else ("G",):
+            views[part] = {}
+            for n, (r, c) in shapes.items():
+                views[part][n] = flat[offset : offset + r * c].view(r, c)
+                offset += r * c
+        self._shared = views
+        self._squares = squares
+        self._start = time.perf_counter()
+        self._process = ctx.Process(target=self._child, name="tacq_lite-gradients", daemon=True)
+        self._process.start()
+
+    @staticmethod
+    def usable(model: nn.Module, *, any_threads: bool = False) -> bool:
+        """True on Linux with every parameter on the CPU and (unless any_threads) two or more torch threads."""
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        return sys.platform.startswith("linux") and on_cpu and (any_threads or torch.get_num_threads() >= 2)
+
+    def _take(self) -> int:
+        with self._next.get_lock():
+            i = self._next.value
+            self._next.value += 1
+        return i
+
+    def _work(self, G: dict, G2: dict | None, bar=None) -> int:
+        n_tokens = 0
+        with _gradient_session(self._model, G, G2) as run:
+            while (i := self._take()) < len(self._pairs):
+                n_tokens += run(*self._pairs[i])
+                with self._done.get_lock():
+                    self._done.value += 1
+                    done = self._done.value
+                if bar is not None:
+                    bar.update(done - bar.n)
+        return n_tokens
+
+    def _child(self) -> None:
+        torch.set_num_threads(1)
+        try:
+            self._child_tokens.value = self._work(self._shared["G"], self._shared.get("G2"))
+        except BaseException as err:  # noqa: BLE001 - reported by result() in the parent
+            self._errors.put(f"{type(err).__name__}: {err}")
+            raise
+
+    def result(self, progress: bool = True) -> GradResult:
+        """Take the samples still left on this process (one thread), wait for the worker, sum."""
+        from tqdm.auto import tqdm
+
+        shapes = {n: v.shape for n, v in self._shared["G"].items()}
+        G = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
+        G2 = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()} if self._squares else None
+        bar = tqdm(total=len(self._pairs), desc="gradients (2 processes)", disable=not progress)
+        try:
+            with single_thread():
+                n_tokens = self._work(G, G2, bar)
+            self._process.join()
+            bar.update(self._done.value - bar.n)
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            bar.close()
+        if self._process.exitcode != 0:
+            why = self._errors.get() if not self._errors.empty() else f"exit code {self._process.exitcode}"
+            self._release()
+            raise RuntimeError(f"the gradient worker process failed ({why}); rerun with workers=1 to see it here.")
+        n_tokens += self._child_tokens.value
+        out = {n: (G[n] + self._shared["G"][n]).float() for n in shapes}
+        out2 = {n: (G2[n] + self._shared["G2"][n]).float() for n in shapes} if self._squares else None
+        seconds = (time.perf_counter() - self._start) / len(self._pairs)
+        self._release()
+        return GradResult(out, out2, len(self._pairs), n_tokens, seconds)
+
+    def cancel(self) -> None:
+        """Stop the worker (if running) and free its buffer; result() cannot be called afterwards."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._release()
+
+    def _release(self) -> None:
+        self._shared = {}
+        try:
+            self._buffer.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with it
+            pass

@@ -19,6 +19,7 @@ run and a fresh run produce identical masks.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
@@ -136,52 +137,68 @@ def compute_importance(
             "n_backward": 0, "seconds_per_sample": None, "files": {}}
     G = G2 = E = H = Hinv = None
 
-    t = time.perf_counter()
-    want = needs & {"QW", "H_diag", "Hinv_diag"}
-    if want:
-        key = {"kind": "qw", **common, "windows": samples_fingerprint(windows), "calib": config.calib,
-               "n_calib": len(windows), "seq_len": windows.shape[1], "seed": config.seed,
-               "qw_method": config.qw_method, **{f: getattr(config, f) for f in
-               ("bits", "groupsize", "sym", "mse", "blocksize", "percdamp", "actorder")}}
-        path = _cache_path(config, "qw", key)
-        got = (outliers.load_cache(path, key) if cache else None) or {}
-        E, H, Hinv = _part(got, "E"), _part(got, "H_diag"), _part(got, "Hinv_diag")
-        have = _present(QW=E, H_diag=H, Hinv_diag=Hinv)
-        meta["qw"] = "cache"
-        if want - have:
-            meta["qw"] = "computed"
-            want_stats = bool(want & {"H_diag", "Hinv_diag"}) or H is not None
-            E2, H2, Hinv2 = _first_pass(model, windows, config, want_qw="QW" in want or E is not None,
-                                        want_stats=want_stats, progress=progress)
-            E, H, Hinv = E2 or E, H2 or H, Hinv2 or Hinv
-            if cache:
-                meta["files"]["qw"] = _save(path, _flat(E=E, H_diag=H, Hinv_diag=Hinv), key, log)
-        else:
-            log(f"score cache: Q(W) from {path}")
-    meta["seconds"]["qw"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    want = needs & {"G", "G2"}
-    if want:
-        key = {"kind": "gradients", **common, "samples": samples_fingerprint(samples), "calib": config.calib,
-               "n_samples": len(samples), "seed": config.seed,
-               "loss": "all" if isinstance(samples, torch.Tensor) else "answer"}
-        path = _cache_path(config, "gradients", key)
-        got = (outliers.load_cache(path, key) if cache else None) or {}
+    # The gradients are looked up first: when they must be computed and a forked worker can run
+    # (importance.GradientWorker), it starts now and works through the samples while this process
+    # runs the first GPTQ pass on one thread; result() below then shares out what is left.
+    want_g, job = needs & {"G", "G2"}, None
+    if want_g:
+        gkey = {"kind": "gradients", **common, "samples": samples_fingerprint(samples), "calib": config.calib,
+                "n_samples": len(samples), "seed": config.seed,
+                "loss": "all" if isinstance(samples, torch.Tensor) else "answer"}
+        gpath = _cache_path(config, "gradients", gkey)
+        got = (outliers.load_cache(gpath, gkey) if cache else None) or {}
         G, G2 = _part(got, "G"), _part(got, "G2")
-        meta["gradients"] = "cache"
-        if want - _present(G=G, G2=G2):
-            meta["gradients"] = "computed"
-            res = importance.accumulate_gradients(model, samples, squares="G2" in want or G2 is not None,
-                                                  progress=progress)
-            G = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G.items()}
-            G2 = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G2.items()} if res.G2 is not None else None
-            meta["n_backward"], meta["seconds_per_sample"] = res.n_samples, res.seconds_per_sample
-            if cache:
-                meta["files"]["gradients"] = _save(path, _flat(G=G, G2=G2), key, log)
-        else:
-            log(f"score cache: gradients from {path}")
-    meta["seconds"]["gradients"] = time.perf_counter() - t
+        squares = "G2" in want_g or G2 is not None
+        if want_g - _present(G=G, G2=G2) and config.parallel and importance.GradientWorker.usable(model):
+            job = importance.GradientWorker(model, samples, squares=squares)
+    try:
+        t = time.perf_counter()
+        want = needs & {"QW", "H_diag", "Hinv_diag"}
+        if want:
+            key = {"kind": "qw", **common, "windows": samples_fingerprint(windows), "calib": config.calib,
+                   "n_calib": len(windows), "seq_len": windows.shape[1], "seed": config.seed,
+                   "qw_method": config.qw_method, **{f: getattr(config, f) for f in
+                   ("bits", "groupsize", "sym", "mse", "blocksize", "percdamp", "actorder")}}
+            path = _cache_path(config, "qw", key)
+            got = (outliers.load_cache(path, key) if cache else None) or {}
+            E, H, Hinv = _part(got, "E"), _part(got, "H_diag"), _part(got, "Hinv_diag")
+            have = _present(QW=E, H_diag=H, Hinv_diag=Hinv)
+            meta["qw"] = "cache"
+            if want - have:
+                meta["qw"] = "computed"
+                want_stats = bool(want & {"H_diag", "Hinv_diag"}) or H is not None
+                with importance.single_thread() if job else contextlib.nullcontext():
+                    E2, H2, Hinv2 = _first_pass(model, windows, config, want_qw="QW" in want or E is not None,
+                                                want_stats=want_stats, progress=progress)
+                E, H, Hinv = E2 or E, H2 or H, Hinv2 or Hinv
+                if cache:
+                    meta["files"]["qw"] = _save(path, _flat(E=E, H_diag=H, Hinv_diag=Hinv), key, log)
+            else:
+                log(f"score cache: Q(W) from {path}")
+        meta["seconds"]["qw"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if want_g:
+            meta["gradients"] = "cache"
+            if want_g - _present(G=G, G2=G2):
+                meta["gradients"] = "computed"
+                if job is not None:
+                    res, job = job.result(progress=progress), None
+                    meta["gradient_processes"] = 2
+                else:
+                    res = importance.accumulate_gradients(model, samples, squares=squares, progress=progress)
+                    meta["gradient_processes"] = 1
+                G = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G.items()}
+                G2 = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G2.items()} if res.G2 is not None else None
+                meta["n_backward"], meta["seconds_per_sample"] = res.n_samples, res.seconds_per_sample
+                if cache:
+                    meta["files"]["gradients"] = _save(gpath, _flat(G=G, G2=G2), gkey, log)
+            else:
+                log(f"score cache: gradients from {gpath}")
+        meta["seconds"]["gradients"] = time.perf_counter() - t  # with a worker: only what was left after Q(W)
+    finally:
+        if job is not None:  # the Q(W) pass failed or was interrupted
+            job.cancel()
 
     W = {n: lin.weight.detach().float().clone() for n, lin in walk.named_linears(model).items()}  # [rows, cols]
     dev = lambda d: None if d is None else {n: d[n].to(W[n].device) for n in W}  # noqa: E731

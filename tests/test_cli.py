@@ -100,3 +100,12 @@ def test_save_target_is_checked_before_work(tmp_path, capsys):
 def test_eval_bad_input(argv, message, capsys):
     assert cli.main([*argv, "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_parallel_flag_maps_to_the_config():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    cli._add_quantize_args(p)
+    assert cli.config_from_args(p.parse_args([])).parallel is True
+    assert cli.config_from_args(p.parse_args(["--no-parallel"])).parallel is False

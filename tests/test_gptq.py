@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from tacq_lite import gptq as gptq_module
 from tacq_lite import quant
 from tacq_lite.gptq import GPTQ, inverse_hessian, reconstruction_error
 
@@ -294,3 +295,28 @@ def test_copy_stats_from_gives_the_hessian_of_the_same_inputs():
     assert torch.allclose(copied.H, direct.H)
     with pytest.raises(ValueError, match="input columns"):
         GPTQ(torch.randn(4, 12)).copy_stats_from(fed)
+
+
+def test_blocked_hessian_is_symmetric_and_matches_the_full_product(monkeypatch):
+    """add_batch computes only H's upper row blocks; reading H mirrors them, exactly symmetric."""
+    monkeypatch.setattr(gptq_module, "HESSIAN_BLOCK", 16)
+    cols = 56  # 4 row blocks of 14
+    gptq = GPTQ(torch.zeros(4, cols))
+    xs = [correlated_inputs(30, cols, seed=s) for s in (1, 2, 3)]
+    for x in xs:
+        gptq.add_batch(x)
+        assert gptq._stale_lower  # the lower blocks are not written by add_batch
+    x = torch.cat(xs)
+    assert gptq._bounds == [0, 14, 28, 42, 56]
+    torch.testing.assert_close(gptq.H, 2 / len(x) * x.T @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gptq.H, gptq.H.T)
+    # One more batch after a read keeps accumulating correctly.
+    extra = correlated_inputs(30, cols, seed=4)
+    gptq.add_batch(extra)
+    x = torch.cat([x, extra])
+    torch.testing.assert_close(gptq.H, 2 / len(x) * x.T @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gptq.H, gptq.H.T)
+    # Without mirroring, the lower blocks would be wrong: the check above could fail.
+    raw = gptq._H.clone()
+    raw[14:, :14] = 0
+    assert not torch.allclose(raw, 2 / len(x) * x.T @ x, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
 """Tests for tacq_lite.importance: G = Σ|per-sample grad| against brute force, answer masks, errors."""
+import time
+
 import pytest
 import torch
 
@@ -123,3 +125,95 @@ def test_low_precision_accumulators_and_checkpointing_agree():
         assert low.G[name].dtype == torch.bfloat16
         assert torch.allclose(low.G[name].float(), g, rtol=1e-2, atol=1e-6), name
         assert torch.allclose(ckpt.G[name], g, rtol=1e-4, atol=1e-7), name
+
+
+# ------------------------------------------------- forked worker ----
+
+
+def test_two_processes_give_the_one_process_sums():
+    from tacq_lite.importance import GradientWorker
+
+    model = tiny_llama(layers=2)
+    x = windows(n=7)
+    ref = accumulate_gradients(model, x, squares=True, progress=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    par = accumulate_gradients(model, x, squares=True, workers=2, progress=False)
+    assert (par.n_samples, par.n_tokens) == (ref.n_samples, ref.n_tokens) == (7, 7 * 11)
+    for name, g in ref.G.items():
+        assert par.G[name].dtype == torch.float32
+        torch.testing.assert_close(par.G[name], g, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(par.G2[name], ref.G2[name], rtol=1e-5, atol=1e-12)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    # The worker started here takes samples until result() is called; both processes end up with some.
+    # The worker works on its own from the start; result() then shares out what is left.
+    job = GradientWorker(model, x)
+    deadline = time.monotonic() + 60
+    while job._done.value < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    res = job.result(progress=False)
+    assert not job._process.is_alive() and job._process.exitcode == 0
+    assert job._child_tokens.value >= 2 * 11  # the forked process took samples before result() began
+    for name, g in ref.G.items():
+        torch.testing.assert_close(res.G[name], g, rtol=1e-5, atol=1e-9)
+
+
+def test_a_failing_worker_is_reported(monkeypatch):
+    import os
+
+    from tacq_lite import importance
+
+    parent = os.getpid()
+    real = importance.sample_loss
+
+    def loss_failing_in_the_child(model, ids, mask):
+        if os.getpid() != parent:
+            raise MemoryError("worker ran out of memory")
+        return real(model, ids, mask)
+
+    monkeypatch.setattr(importance, "sample_loss", loss_failing_in_the_child)
+    model = tiny_llama(layers=1)
+    with pytest.raises(RuntimeError, match="worker process failed.*MemoryError.*workers=1"):
+        accumulate_gradients(model, windows(n=4), workers=2, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_worker_cancel_and_bad_arguments():
+    from tacq_lite.importance import GradientWorker
+
+    model = tiny_llama(layers=1)
+    job = GradientWorker(model, windows(n=50))
+    job.cancel()
+    assert not job._process.is_alive()
+    with pytest.raises(ValueError, match="workers=3"):
+        accumulate_gradients(model, windows(n=1), workers=3, progress=False)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        accumulate_gradients(model, windows(n=1), workers=2, accum_dtype=torch.bfloat16, progress=False)
+    assert not GradientWorker.usable(model)  # the test session runs torch on one thread
+    assert GradientWorker.usable(model, any_threads=True)
+
+
+def test_loss_without_logits_to_keep_is_the_same():
+    """A model whose forward has no logits_to_keep gets full logits; the loss reads the same rows."""
+    from torch import nn
+
+    from tacq_lite.importance import sample_loss
+
+    class NoKeep(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    model = tiny_llama(layers=1)
+    ids = windows(n=1, T=16)[0]
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[9:] = True
+    with torch.no_grad():
+        kept, full = sample_loss(model, ids, mask), sample_loss(NoKeep(model), ids, mask)
+        logits = model(input_ids=ids[None]).logits[0]  # [T, vocab]
+    want = torch.nn.functional.cross_entropy(logits[8:15], ids[9:16])
+    torch.testing.assert_close(kept, want)
+    torch.testing.assert_close(full, want)

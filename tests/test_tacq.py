@@ -66,6 +66,31 @@ def test_end_to_end_keeps_exactly_k_weights_exact(first):
     assert changed > 0.9 * (TOTAL - k)  # everything else went through the 3-bit grid
 
 
+def test_forked_worker_overlaps_the_first_pass_and_gives_the_same_masks(first, tmp_path, monkeypatch):
+    """With two torch threads, the backward passes run in a forked worker beside the first GPTQ pass."""
+    config, _, _, result1, info1 = first
+    assert info1["gradient_processes"] == 1  # the test session runs torch on one thread: no worker
+    threads_seen = []
+    first_pass = pipeline.gptq_quantize
+
+    def recording_gptq(*a, **kw):
+        threads_seen.append(torch.get_num_threads())
+        return first_pass(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize", recording_gptq)
+    torch.set_num_threads(2)
+    try:
+        _, result2, info2 = run(config.replace(cache_dir=str(tmp_path)))
+        _, result3, info3 = run(config.replace(cache_dir=str(tmp_path / "off"), parallel=False))
+    finally:
+        torch.set_num_threads(1)
+    assert info2["gradient_processes"] == 2 and info2["n_backward"] == 4
+    assert info3["gradient_processes"] == 1
+    assert threads_seen == [1, 2, 2, 2]  # Q(W) on one thread beside the worker; the final passes on two
+    for name, m in result1.masks.items():
+        assert torch.equal(result2.masks[name], m) and torch.equal(result3.masks[name], m), name
+
+
 def test_new_ratio_reuses_the_cache_without_backward_or_first_gptq(first, counts):
     config, _, _, result1, _ = first
     _, result2, info = run(config.replace(ratio=0.02))
