@@ -50,7 +50,7 @@ class GradResult(NamedTuple):
     G2: dict[str, torch.Tensor] | None  # linear -> [rows, cols] Σ_samples (dL/dW)² (squares=True), else None
     n_samples: int  # forward/backward passes run
     n_tokens: int  # predicted tokens that entered the loss, over all samples
-    seconds_per_sample: float  # wall seconds per forward+backward
+    seconds_per_sample: float  # wall seconds per forward+backward (GradientWorker: from its start, over all samples)
 
 
 def _as_pairs(samples, loss: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -248,13 +248,15 @@ def single_thread():
 class GradientWorker:
     """The backward passes, shared between this process and a forked one, one thread each.
 
-    On a CPU with few cores, two single-threaded processes get through more of this work than
-    one process with two threads: at 512 tokens the matrices are small and the many elementwise
-    ops do not split well (BENCHMARKS.md, "Two single-threaded processes"). TaCQ's first GPTQ
-    pass does not need the gradients, so `tacq.compute_importance` starts the worker, runs that
-    pass on one thread meanwhile, and then calls `result()`, where this process takes the
-    samples still left. Samples are handed out one at a time from a shared counter, so both
-    processes finish together however long the other work took.
+    TaCQ's first GPTQ pass does not need the gradients, and on a CPU with few cores it keeps a
+    second thread only partly busy (its column loop and the elementwise ops of a 512-token window
+    are small). So `tacq.compute_importance` starts this worker, runs the GPTQ pass on one thread
+    meanwhile, and then calls `result()`, where this process takes the samples still left.
+    Samples are handed out one at a time from a shared counter, so both processes finish
+    together however long the other work took. On 2 cores this cut the default TaCQ run from
+    12.4 to 10.0 minutes (BENCHMARKS.md, "10 minutes: the backward passes beside the first GPTQ
+    pass"). Backward passes alone gain little from it: `accumulate_gradients(workers=2)` ran as
+    fast as one process with two threads.
 
     The forked process sees the model as it was when the worker started (copy-on-write); later
     changes to the model here do not reach it. Both processes sum into float64 accumulators

@@ -8,6 +8,10 @@ TaCQ (Xiao, Sung, Stengel-Eskin, Bansal, 2025, arXiv 2504.07389, Sec. 3), as the
   4. global top-k over every targeted linear -> keep-mask (outliers.py);
   5. GPTQ on the full-precision model again, the masked weights kept exact.
 
+Steps 1 and 2 do not depend on each other. On a multi-core Linux CPU the backward passes start in
+a forked one-thread worker (importance.GradientWorker) and step 1 runs on the other thread
+meanwhile; `QuantConfig.parallel=False` runs them one after the other.
+
 Steps 1-2 are the expensive ones and do not depend on the ratio or the selector, so their
 results are cached (outliers.save_cache) in two safetensors files: gradients (keyed by the
 model's weights and the calibration samples) and Q(W) with the Hessian diagonals (keyed by the

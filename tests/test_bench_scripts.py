@@ -70,3 +70,19 @@ def test_mask_layer_error_on_a_tiny_llama(capsys):
     assert "| self_attn.q_proj | 5.00% |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="decoder layers"):
         bench.main(["--tiny", "--layer", "7"])
+
+
+def test_parallel_bench_on_a_tiny_llama():
+    bench = load("bench_parallel")
+    from tacq_lite import gptq
+
+    block = gptq.HESSIAN_BLOCK
+    rec = bench.main(["hessian", "--tiny", "--rounds", "1", "--seq-len", "32"])
+    assert set(rec["ms_per_add_batch"]) == {f"{c} cols, {k}" for c in (64, 96) for k in ("full product", "row blocks")}
+    assert all(v > 0 for v in rec["ms_per_add_batch"].values()) and gptq.HESSIAN_BLOCK == block
+    rec = bench.main(["threads", "--tiny", "--rounds", "1", "--seq-len", "16", "--n", "2", "--layers", "1",
+                      "--samples", "2"])
+    runs = rec["runs"]
+    assert len(runs["gptq 1 thread x 2"][0]) == 2  # two processes, two timings
+    timings = [t for v in runs.values() for t in (v[0] if isinstance(v[0], list) else [v[0]])]
+    assert len(timings) == 6 and all(t > 0 for t in timings)
