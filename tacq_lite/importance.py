@@ -253,10 +253,10 @@ class GradientWorker:
     are small). So `tacq.compute_importance` starts this worker, runs the GPTQ pass on one thread
     meanwhile, and then calls `result()`, where this process takes the samples still left.
     Samples are handed out one at a time from a shared counter, so both processes finish
-    together however long the other work took. On 2 cores this cut the default TaCQ run from
-    12.4 to 10.0 minutes (BENCHMARKS.md, "10 minutes: the backward passes beside the first GPTQ
-    pass"). Backward passes alone gain little from it: `accumulate_gradients(workers=2)` ran as
-    fast as one process with two threads.
+    together however long the other work took. On 2 cores, Q(W) plus gradients took 10 % less
+    time than one after the other, back to back (BENCHMARKS.md, "10 minutes: the backward passes
+    beside the first GPTQ pass"). Backward passes alone gain nothing from it:
+    `accumulate_gradients(workers=2)` ran as fast as one process with two threads.
 
     The forked process sees the model as it was when the worker started (copy-on-write); later
     changes to the model here do not reach it. Both processes sum into float64 accumulators
