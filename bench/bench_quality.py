@@ -9,6 +9,15 @@
     python bench/bench_quality.py selectors-mse --eval-tokens 4096 # tacq vs msg with MSE grids, 0.35 % and 1 %
     python bench/bench_quality.py selectors-1pct --eval-tokens 4096  # every selector at 1 % kept, min/max grids
     python bench/bench_quality.py selectors-2bit --eval-tokens 4096  # every selector at 2-bit g64, both budgets
+    python bench/bench_quality.py paper-seeds --summary    # issue 18: the paper's setting, 3 seeds, 32k eval tokens
+    python bench/bench_quality.py paper-selectors --summary  # every selector, both budgets, both keep values
+    python bench/bench_quality.py paper-2bit --summary     # 2-bit g64 (MSE grids): gptq, tacq, msg, random
+
+The paper-* suites are the paper's setting (64 x 512 calibration windows, GPTQ's MSE grids, per
+channel unless stated) evaluated on 64 windows x 512 tokens of WikiText-2's second half with a
+95 % bootstrap interval over windows, without KL (it would double the evaluation time). Their
+rows name their seed; `--summary` adds a table with one line per configuration: the mean over
+seeds, the spread (min-max), and each seed's perplexity with its interval.
 
 Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
@@ -84,12 +93,41 @@ SUITES["selectors-2bit"] = [dict(method="gptq", bits=2, groupsize=64, mse=False)
 # the same questions: the tasks suite's 3-bit rows (their score cache serves the TaCQ rows), MMLU
 # calibration left out. Ten questions: generation costs about 10 s per question on 2 cores.
 SUITES["generation"] = [row for row in SUITES["tasks"][:6] if row.get("calib") != "mmlu"]
+# Issue 18: the paper's setting, re-measured after kept weights started storing GPTQ's compensated
+# value. Within each seed, hessian comes first (its Q(W) pass records the Hessian diagonals) and
+# fisher second (its gradient pass records the squares); every later row reads the score cache.
+PAPER_SELECTORS = ("hessian", "fisher", "tacq", "msg", "random", "magnitude", "gradient", "qal", "activation",
+                   "owq_columns")
+RANKING_ROWS = ("tacq", "msg", "random", "hessian")  # the rows that decide the ranking, run at three seeds
+
+
+def paper_rows(seed: int, *, bits: int = 3, groupsize: int = -1, selectors=RANKING_ROWS + ("fisher",), ratios=(0.0035,),
+               originals=("tacq", "msg", "random")) -> list[dict]:
+    """GPTQ, then each selector at each ratio (compensated), then `originals` with keep_value original."""
+    base = dict(bits=bits, groupsize=groupsize, seed=seed)
+    rows = [dict(method="gptq", **base)]
+    order = [s for s in PAPER_SELECTORS if s in selectors]
+    rows += [dict(method="tacq", selector=s, ratio=r, keep_value="compensated", **base) for r in ratios for s in order]
+    rows += [dict(method="tacq", selector=s, ratio=r, keep_value="original", **base) for r in ratios for s in originals]
+    return rows
+
+
+# Seeds 0-2 of the ranking rows at 0.35 %, seed 0 first: the decisive comparison. Seed 0 also runs
+# fisher, so that its gradient pass records the squares the paper-selectors suite needs.
+SUITES["paper-seeds"] = paper_rows(0) + [row for seed in (1, 2) for row in paper_rows(seed, selectors=RANKING_ROWS)]
+# Every selector at both budgets (seed 0), and tacq / msg / random with keep_value original; the rows
+# already in paper-seeds are the same configurations and are not run twice (same file name).
+SUITES["paper-selectors"] = paper_rows(0, selectors=PAPER_SELECTORS, ratios=(0.0035, 0.01))
+SUITES["paper-2bit"] = paper_rows(0, bits=2, groupsize=64, selectors=("tacq", "msg", "random"), ratios=(0.0035, 0.01),
+                                  originals=())
 # Evaluations per suite (default: WikiText-2 perplexity and KL only).
 EVALS = {
     "tasks": dict(evals=["wikitext2", "mmlu", "gsm8k", "synthetic"], mmlu_limit=5, gsm8k_limit=200,
                   gsm8k_generate=False, synthetic_limit=20),
     "generation": dict(evals=["gsm8k"], gsm8k_limit=10, gsm8k_generate=True, gsm8k_max_new_tokens=256),
 }
+PAPER_EVAL = dict(evals=["wikitext2"], eval_tokens=64 * 512, kl=False)  # 64 windows of 512, no KL
+EVALS.update({name: PAPER_EVAL for name in SUITES if name.startswith("paper-")})
 
 
 def row_name(cfg: dict) -> str:
@@ -158,7 +196,51 @@ def generation_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ppl(m: dict) -> str:
+    return f"{m['ppl']:.2f} [{m['ppl_low']:.2f}, {m['ppl_high']:.2f}]"
+
+
+def _label(c: dict) -> str:
+    if c["method"] != "tacq":
+        return c["method"]
+    return f"tacq {c['selector']} {c['ratio']:.2%} {c.get('keep_value', 'original')}"
+
+
+def paper_table(records: list[dict]) -> str:
+    head = "| configuration | bits | group | seed | avg bits | WikiText-2 ppl [95 % CI] | windows × tokens | seconds |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        c, m = r["config"], r["metrics"]["wikitext2"]
+        lines.append(f"| {_label(c)} | {c['bits']} | {c['groupsize']} | {c['seed']} | {r['avg_bits']:.3f} | {_ppl(m)} | "
+                     f"{m['n_windows']} × {m['n_tokens'] // m['n_windows']} | {r['seconds_total']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary_table(records: list[dict]) -> str:
+    """One line per configuration over its seeds: mean, min-max spread, the envelope of the per-seed
+    95 % intervals (what two rows must not share to be called different), each seed's value."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        c = r["config"]
+        key = (c["method"], c.get("selector"), c.get("ratio"), c.get("keep_value"), c["bits"], c["groupsize"])
+        groups.setdefault(key, []).append(r)
+    head = ("| configuration | bits | group | seeds | mean ppl | seed spread (min–max) | envelope of 95 % CIs | "
+            "per seed: ppl [95 % CI] |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for rs in groups.values():
+        c = rs[0]["config"]
+        ms = [r["metrics"]["wikitext2"] for r in sorted(rs, key=lambda r: r["config"]["seed"])]
+        ppl = [m["ppl"] for m in ms]
+        lines.append(
+            f"| {_label(c)} | {c['bits']} | {c['groupsize']} | {len(ms)} | {sum(ppl) / len(ppl):.2f} | "
+            f"{min(ppl):.2f}–{max(ppl):.2f} | [{min(m['ppl_low'] for m in ms):.2f}, {max(m['ppl_high'] for m in ms):.2f}] | "
+            + "; ".join(f"s{r['config']['seed']}: {_ppl(m)}" for r, m in
+                        zip(sorted(rs, key=lambda r: r["config"]["seed"]), ms)) + " |")
+    return "\n".join(lines)
+
+
 TABLES = {"tasks": task_table, "generation": generation_table}
+TABLES.update({name: paper_table for name in SUITES if name.startswith("paper-")})
 
 
 def main() -> None:
@@ -168,21 +250,39 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--only", default=None, help="comma-separated row indices to run (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="run only the rows of this calibration seed")
+    p.add_argument("--summary", action="store_true", help="also print the over-seeds summary table")
+    p.add_argument("--dry-run", action="store_true", help="list the rows and whether each has a record, run nothing")
     args = p.parse_args()
     common = dict(n_calib=args.n_calib, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
-    out_dir = ROOT / "bench" / "results" / args.suite
+    # The paper-* suites share one folder: a configuration in two of them runs once.
+    out_dir = ROOT / "bench" / "results" / ("paper" if args.suite.startswith("paper-") else args.suite)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = SUITES[args.suite]
     if args.only:
         rows = [rows[int(i)] for i in args.only.split(",")]
+    if args.seed is not None:
+        rows = [r for r in rows if r.get("seed", 0) == args.seed]
     records = []
     show = TABLES.get(args.suite, table)
+    evals = EVALS.get(args.suite)
     for cfg in rows:
-        name = row_name({**cfg, **common})
-        records.append(run_one(cfg, common, out_dir / f"{name}.json", EVALS.get(args.suite)))
+        named = {**cfg, **common}
+        if evals and "eval_tokens" in evals:  # the suite's own evaluation size names its files
+            named["eval_tokens"] = evals["eval_tokens"]
+        out = out_dir / f"{row_name(named)}.json"
+        if args.dry_run:
+            print(f"{'done' if out.is_file() else 'todo'}  {out.name}")
+            continue
+        records.append(run_one(cfg, common, out, evals))
         print(show(records[-1:]).splitlines()[-1], flush=True)
+    if args.dry_run:
+        return
     print(f"\n{args.suite}: {date.today()}, `python bench/bench_quality.py {' '.join(sys.argv[1:])}`\n")
     print(show(records))
+    if args.summary:
+        print()
+        print(summary_table(records))
 
 
 if __name__ == "__main__":

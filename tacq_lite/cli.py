@@ -64,6 +64,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", default=d.selector, help="TaCQ: score that picks the kept weights")
     p.add_argument("--ratio", type=float, default=d.ratio, help="TaCQ: fraction of weights kept in 16-bit")
     p.add_argument("--qw-method", default=d.qw_method, choices=("gptq", "rtn"), help="TaCQ: how Q(W) is made")
+    p.add_argument("--keep-value", default=d.keep_value,
+                   help="TaCQ: what a kept weight stores: 'compensated' (the value GPTQ's error compensation moved "
+                        "it to, as the authors' code) or 'original' (checked by QuantConfig)")
     p.add_argument("--no-parallel", dest="parallel", action="store_false",
                    help="TaCQ: no forked worker; the backward passes run after the first GPTQ pass")
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
@@ -123,6 +126,7 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
             r = gsm8k_eval(model, tok, limit=config.gsm8k_limit, max_new_tokens=config.gsm8k_max_new_tokens,
                            generate=config.gsm8k_generate, progress=progress)
             metrics[name] = {"accuracy": r.accuracy, "nll": r.nll, "n": r.n,
+                             "item_nll": [g.nll for g in r.records],
                              "generations": [g.generation for g in r.records[:3]] if config.gsm8k_generate else []}
         elif name == "synthetic":
             from .synthetic import synthetic_eval
@@ -130,7 +134,9 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
             r = synthetic_eval(model, tok, limit=config.synthetic_limit, progress=progress)
             metrics[name] = {"accuracy": sum(r.accuracy.values()) / len(r.accuracy),
                              "nll": sum(r.nll.values()) / len(r.nll), "tasks": r.accuracy, "task_nll": r.nll,
-                             "chance": r.chance, "n": r.n}
+                             "chance": r.chance, "n": r.n,
+                             "item_nll": [v for t in r.item_nll.values() for v in t],  # every item, task by task
+                             "item_right": [v for t in r.item_right.values() for v in t]}
         else:  # perplexity (+ KL) on WikiText-2's second half or a text file
             tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
             log(f"eval {name}: {tokens.numel()} tokens from "
@@ -307,8 +313,13 @@ def format_table(records: list[dict]) -> str:
     head = ["method", "bits", "avg bits"] + [c[0] for c in cols] + ["KL", "seconds"]
 
     def cell(r, e, k):
-        v = r["metrics"].get(e, {}).get(k)
-        return "-" if v is None else f"{v:.3f}" if k != "ppl" else f"{v:.2f}"
+        m = r["metrics"].get(e, {})
+        v = m.get(k)
+        if v is None:
+            return "-"
+        if k != "ppl":
+            return f"{v:.3f}"
+        return f"{v:.2f}" if m.get("ppl_low") is None else f"{v:.2f} [{m['ppl_low']:.2f}, {m['ppl_high']:.2f}]"
 
     rows = []
     for r in records:
@@ -320,7 +331,10 @@ def format_table(records: list[dict]) -> str:
         )
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    notes = sorted({f"ppl {e}: [95 % bootstrap interval over windows], {m['n_windows']} windows × "
+                    f"{m['n_tokens'] // m['n_windows']} predicted tokens = {m['n_tokens']} tokens"
+                    for r in records for e, m in r["metrics"].items() if m.get("n_windows")})
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), *notes])
 
 
 def main(argv: list[str] | None = None) -> int:

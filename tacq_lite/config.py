@@ -31,6 +31,10 @@ class QuantConfig:
     selector: str = "tacq"  # which score picks the kept weights
     ratio: float = 0.0035  # fraction of targeted weights kept in 16-bit (the authors' default)
     qw_method: str = "gptq"  # how Q(W) in |W|·|G|·|Q(W)−W| is made: gptq (as the authors) or rtn
+    # What a kept weight is stored as in the masked GPTQ pass: "compensated" = the value GPTQ's
+    # error compensation has moved it to when its column comes up (the authors' gptq/gptq.py,
+    # l. 207 and 269-290); "original" = its full-precision value (tacq_lite before 2026-11-29).
+    keep_value: str = "compensated"
     # On a multi-core CPU (Linux): run the backward passes in a forked single-threaded process
     # beside the first GPTQ pass (importance.GradientWorker). False: one after the other.
     parallel: bool = True
@@ -62,9 +66,11 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if isinstance(self.evals, str) or isinstance(self.mmlu_subjects, str):
             raise TypeError("evals and mmlu_subjects are tuples of names, e.g. evals=('wikitext2',).")
+        from .gptq import check_keep_value
         from .quant import check_bits
 
         check_bits(self.bits)
+        check_keep_value(self.keep_value)
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

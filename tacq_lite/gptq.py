@@ -8,13 +8,21 @@ lazily, one block of `blocksize` columns at a time (Sec. 3, "lazy batch-updates"
 
 Task-Circuit Quantization (TaCQ, Xiao et al., 2025, arXiv 2504.07389, Sec. 3.3) keeps a few
 salient weights in 16-bit. `mask` [rows, cols] marks them (True = keep). Here a kept weight
-  * is left out of the scale/zero fit (quant.fill_masked), so an outlier cannot stretch the grid;
-  * comes back exactly: W_hat == W at every kept position, bit for bit;
-  * emits no error: its column's error is 0 in that row, so nothing is pushed forward from it.
-Updates that other columns push onto a kept weight are discarded, because the weight is
-restored to its original value. This equals the authors' "restore at the end" and also
-"never update kept weights": a kept weight's error is 0 either way, so the values it holds
-meanwhile never reach any other weight.
+  * is left out of the scale/zero fit: it is replaced by its row-group's mean of the other
+    weights first (quant.fill_masked), so an outlier cannot stretch the grid;
+  * emits no error: its column's error is 0 in that row, so nothing is pushed forward from it;
+  * is stored as `keep_value` says:
+      "compensated" (default): the working value it holds when its column comes up, i.e. its
+        original value plus every update earlier columns' errors pushed onto it;
+      "original": its original value, bit for bit (those pushed updates are discarded).
+
+The default is the authors' masked GPTQ (The-Inscrutable-X/TACQ at cfc4ccc, gptq/gptq.py):
+the column is read after compensation (l. 207, `w = W1[:, i]`), its kept entries are added back
+to the quantized column (l. 269 `w_preserved = w*self.important_mask[:, i1 + i]`, l. 285
+`q = q + w_preserved`, l. 290 `Q1[:, i] = q`), so their error `(w - q) / d` (l. 293) is 0; the
+fill before the grid fit is l. 116-125 (per channel) and l. 220-231 (groups). "original" throws
+the pushed updates away, an error that GPTQ's own `loss` never counts: notebook 02 and
+BENCHMARKS.md measure what that costs.
 
 Dead input columns (H[i, i] == 0: the input is always 0 there) get H[i, i] = 1. Their
 row and column of H are zero, so they are decoupled: they are rounded to nearest, emit
@@ -33,10 +41,18 @@ from tacq_lite import quant
 
 CHOLESKY_TRIES = 5  # each retry multiplies the damping by 10
 HESSIAN_BLOCK = 192  # columns per row block of Σ x xᵀ (only blocks on or above the diagonal are computed)
+KEEP_VALUES = ("compensated", "original")  # what a kept weight is stored as; see the module docstring
+
+
+def check_keep_value(keep_value: str) -> str:
+    if keep_value not in KEEP_VALUES:
+        raise ValueError(f"keep_value={keep_value!r} is unknown; choose 'compensated' (the authors' masked GPTQ) "
+                         "or 'original'.")
+    return keep_value
 
 
 class GPTQResult(NamedTuple):
-    W_hat: torch.Tensor  # [rows, cols] float32, dequantized; == W at mask positions (exact for fp16/bf16/fp32 W)
+    W_hat: torch.Tensor  # [rows, cols] float32, dequantized; at mask positions the kept value (see keep_value)
     codes: torch.Tensor  # [rows, cols] uint8; at mask positions: the grid's code of the working value, unused
     scale: torch.Tensor  # [rows, n_groups] float32
     zero: torch.Tensor  # [rows, n_groups] float32 holding integers
@@ -154,9 +170,12 @@ class GPTQ:
         percdamp: float = 0.01,
         actorder: bool = False,
         mask: torch.Tensor | None = None,
+        keep_value: str = "compensated",
     ) -> GPTQResult:
-        """Quantize W with GPTQ; the layer is not modified. See the module docstring for `mask`."""
+        """Quantize W with GPTQ; the layer is not modified. See the module docstring for `mask`
+        and `keep_value` (which only matters when a mask is given)."""
         quant.check_bits(bits)
+        check_keep_value(keep_value)
         if not isinstance(blocksize, int) or blocksize <= 0:
             raise ValueError(f"blocksize={blocksize!r} must be a positive int (GPTQ uses 128).")
         if self.nsamples == 0:
@@ -196,6 +215,8 @@ class GPTQ:
         # updates run many times faster on CPU than on strided column slices.
         Wt = W0[:, perm].T.contiguous()  # [cols, rows] working copy, permuted
         free_t = free[:, perm].T.contiguous()  # [cols, rows]
+        compensated = mask is not None and keep_value == "compensated"
+        keep_t = mask[:, perm].T.contiguous() if compensated else None  # [cols, rows] kept entries
         Qt = torch.zeros_like(Wt)  # [cols, rows] dequantized
         codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=W0.device)  # [cols, rows]
         loss = torch.zeros(rows, device=W0.device, dtype=torch.float64)  # [rows]
@@ -210,6 +231,7 @@ class GPTQ:
             d1 = torch.diag(Hinv1).tolist()  # Python floats: indexing a tensor per column costs more
             free1 = free_t[i1:i2]  # [b, rows]
             block_free = bool(free1.all())  # no kept or dead entry: skip the per-column select
+            keep1 = keep_t[i1:i2] if compensated and keep_t[i1:i2].any() else None  # [b, rows] or None
             # This loop runs once per column; each torch call costs microseconds of overhead, so
             # quant.quantize/dequantize are inlined, work is done in place, and the loss is
             # summed per block.
@@ -229,6 +251,8 @@ class GPTQ:
                 w = W1[i]  # [rows]
                 c = torch.div(w, s).add_(z).round_().clamp_(0, maxq)  # [rows] integer codes
                 q = torch.sub(c, z).mul_(s)  # [rows] s·(c − z)
+                if keep1 is not None:  # kept entries hold their working value: w − q = 0 there
+                    q = torch.where(keep1[i], w, q)
                 codes_t[j], Qt[j] = c, q  # assignment casts the codes to uint8
                 err = torch.sub(w, q).div_(d1[i])  # [rows], d = Hinv1[i, i]
                 if not block_free:
@@ -240,7 +264,7 @@ class GPTQ:
 
         inv = torch.argsort(perm)  # undo act-order
         W_hat = Qt[inv].T.contiguous()  # [rows, cols]
-        if mask is not None:
+        if mask is not None and keep_value == "original":
             W_hat = torch.where(mask, W0, W_hat)  # kept weights: the original value, bit for bit
         codes = codes_t[inv].T.contiguous()  # [rows, cols]
         Hinv_diag = Hinv_diag[inv].to(torch.float32)  # [cols]

@@ -1,7 +1,7 @@
 """Bit-packing of quantization codes and CSR storage of the kept (16-bit) weights.
 
 TaCQ (arXiv 2504.07389) stores a layer as low-bit integer codes plus a small set of
-"kept" weights (~0.35 %) held exactly in fp16. This module turns the uint8 codes of
+"kept" weights (~0.35 %) held in fp16. This module turns the uint8 codes of
 `quant.quantize` into int32 words and the kept weights into a CSR matrix; both are pure
 tensor functions in named pairs (`pack`/`unpack`, `pack_sparse`/`unpack_sparse`).
 
@@ -109,7 +109,7 @@ class SparseKept(NamedTuple):
 
     row_ptr: torch.Tensor  # int32 [rows + 1]; row r owns entries row_ptr[r]:row_ptr[r + 1]
     col_idx: torch.Tensor  # int16 [nnz] when cols <= 32767, else int32 [nnz]
-    values: torch.Tensor  # fp16 [nnz], the exact (unquantized) weights
+    values: torch.Tensor  # fp16 [nnz], the kept (not quantized) weights
 
 
 def index_dtype(cols: int) -> torch.dtype:

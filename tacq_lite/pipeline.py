@@ -5,7 +5,8 @@ TaCQ (Xiao et al., 2025, Sec. 3) runs, in the authors' order:
   2. batch-size-1 backward passes on the calibration data -> G = sum |dL/dW|;
   3. score every weight (default |W| * |G| * |Q(W) - W|);
   4. global top-k over all targeted linears -> keep-mask;
-  5. GPTQ again, with the mask: kept weights stay exact, the rest are quantized.
+  5. GPTQ again, with the mask: kept weights stay in 16-bit (at the value GPTQ's compensation
+     moved them to, or their original value: config.keep_value), the rest are quantized.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def gptq_quantize(
 ) -> dict[str, float]:
     """True-sequential GPTQ in place; returns {linear: GPTQ loss}.
 
-    masks: {linear: bool [rows, cols]} of weights to keep exact (TaCQ's second pass).
+    masks: {linear: bool [rows, cols]} of weights to keep in 16-bit (TaCQ's second pass; what they
+    store: config.keep_value).
     stats_out: if given, filled with {linear: {"H_diag": [cols], "Hinv_diag": [cols]}} for the
     Hessian- and activation-based selectors.
     grids_out: if given, filled with {linear: (scale, zero)}, the grid of each quantized linear.
@@ -91,7 +93,7 @@ def gptq_quantize(
         res = gptq.quantize(
             bits=config.bits, groupsize=config.groupsize, sym=config.sym, mse=config.mse,
             blocksize=config.blocksize, percdamp=config.percdamp, actorder=config.actorder,
-            mask=masks.get(name),
+            mask=masks.get(name), keep_value=config.keep_value,
         )
         linear.weight.data.copy_(res.W_hat.to(linear.weight.dtype))
         losses[name] = res.loss

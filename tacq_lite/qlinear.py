@@ -1,9 +1,10 @@
 """QuantLinear: a linear layer stored as packed low-bit codes plus CSR kept weights, and
 saving / loading whole quantized models in safetensors + JSON.
 
-A TaCQ layer (arXiv 2504.07389) is W_final = where(mask, W, W_hat): most weights are
+A TaCQ layer (arXiv 2504.07389) is W_final = where(mask, W_kept, W_hat): most weights are
 integer codes on a per-row (or per-group) grid, W_hat = scale * (code - zero), and a few
-"kept" weights are stored exactly. `QuantLinear` holds exactly the tensors that go to disk:
+"kept" weights are stored in fp16 with whatever value the fake-quantized model holds there
+(by default the value GPTQ's compensation moved them to: gptq.py). `QuantLinear` holds exactly the tensors that go to disk:
 
     qweight       int32 [out, ceil(in / per_word)]   codes, `pack.pack` layout
     scale, zero   fp16  [out, n_groups]              the grid (zero is an integer in fp16)
@@ -87,7 +88,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, *, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     groupsize: int = -1, mask: torch.Tensor | None = None, backend: str = "auto") -> "QuantLinear":
         """Pack a fake-quantized linear: its weight must lie on the grid (scale, zero) except
-        where `mask` is True (those weights are stored exactly, in fp16)."""
+        where `mask` is True (those weights are stored as W holds them, in fp16)."""
         W = linear.weight.detach().float()  # [out, in]
         out_f, in_f = W.shape
         gs = check_groupsize(groupsize, in_f)

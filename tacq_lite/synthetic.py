@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -161,6 +161,8 @@ class SyntheticResult:
     nll: dict[str, float]  # task -> mean over items of the answer's mean token NLL (nats)
     n: dict[str, int]  # task -> items scored
     chance: dict[str, float]  # task -> blind-guess accuracy, for reference
+    item_nll: dict[str, list[float]] = field(default_factory=dict)  # task -> [n] each item's answer NLL
+    item_right: dict[str, list[bool]] = field(default_factory=dict)  # task -> [n] each item scored right
 
     def table(self) -> str:
         rows = [f"{'task':<10} {'acc':>6} {'chance':>7} {'nll':>6} {'n':>4}"]
@@ -186,17 +188,18 @@ def synthetic_eval(model, tok, *, tasks=None, limit: int | None = None, progress
     for name in names:
         task, samples = TASKS[name], synthetic_samples(name)[:limit]
         cache = PrefixCache(model, encode(tok, synthetic_prefix(name), special=True))
-        right, nll = 0, 0.0
+        rights, nlls = [], []
         for s in tqdm(samples, desc=name, disable=not progress):
             options = task.choices if task.choices else (s.answer,)
             scores = {c: score_continuation(model, tok, s.prompt, c, cache=cache) for c in options}
             score = scores[s.answer]
-            nll += float(score.token_nll.mean())
+            nlls.append(float(score.token_nll.mean()))
             if task.choices:  # the option with the highest total log-likelihood wins
-                right += min(scores, key=lambda c: float(scores[c].token_nll.sum())) == s.answer
+                rights.append(min(scores, key=lambda c: float(scores[c].token_nll.sum())) == s.answer)
             else:  # greedy decoding reproduces the answer, then stops at a newline
-                right += bool(score.greedy.all()) and is_stop(tok, score.next_token)
-        result.accuracy[name], result.nll[name] = right / len(samples), nll / len(samples)
+                rights.append(bool(score.greedy.all()) and is_stop(tok, score.next_token))
+        result.accuracy[name], result.nll[name] = sum(rights) / len(samples), sum(nlls) / len(samples)
+        result.item_nll[name], result.item_right[name] = nlls, rights
         result.n[name], result.chance[name] = len(samples), task.chance
     return result
 

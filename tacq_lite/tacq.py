@@ -1,12 +1,25 @@
 """Task-Circuit Quantization end to end: Q(W), gradients, scores, keep-mask, masked GPTQ.
 
-TaCQ (Xiao, Sung, Stengel-Eskin, Bansal, 2025, arXiv 2504.07389, Sec. 3), as the authors run it:
+TaCQ (Xiao, Sung, Stengel-Eskin, Bansal, 2025, arXiv 2504.07389, Sec. 3), as the authors' code
+runs it (The-Inscrutable-X/TACQ at cfc4ccc; file:line):
   1. GPTQ over a copy of the model -> Q(W) (per channel, asymmetric, MSE range search,
-     true-sequential); its Hessian diagonals feed the SpQR/OWQ-style selectors;
-  2. batch-size-1 fp32 backward passes of the full-precision model -> G = Σ|dL/dW|;
-  3. score = |W| · |G| · |Q(W) − W| (or another selector, scores.py);
-  4. global top-k over every targeted linear -> keep-mask (outliers.py);
-  5. GPTQ on the full-precision model again, the masked weights kept exact.
+     true-sequential: gptq/llama.py:156-158, scripts/examples/evaluate_llama3_8b.sh:45-52); its
+     Hessian diagonals feed the SpQR/OWQ-style selectors;
+  2. batch-size-1 fp32 backward passes of the full-precision model -> G = Σ|dL/dW|
+     (utils/gradient_attributors.py:90 batch_size=1, :23 `torch.abs(param.grad)` summed, :64/:74
+     the backward model in float32);
+  3. score = |W| · |G| · |Q(W) − W| (gradient_attributors.py:40, abs in make_quantization_configs.py:31-32;
+     or another selector, scores.py);
+  4. global top-k over every targeted linear -> keep-mask (utils/quantization_utils.py:49 over all
+     `.mlp.` and `.self_attn.` weights, utils/measurement_utils.py:87; outliers.py);
+  5. GPTQ on the full-precision model again with the mask: kept weights are left out of the grid fit,
+     send no error and are stored at the value GPTQ's compensation moved them to (gptq/gptq.py:207,
+     269-290; `config.keep_value="original"` stores the original value instead, see gptq.py).
+
+Where tacq_lite differs: with task data (`--calib gsm8k`/`mmlu`) the loss of step 2 is on the answer
+tokens only, while the authors' loss covers every token of the few-shot prompt
+(gradient_attributors.py:99, no masking function passed at measure_importances.py:47); dead input
+columns are rounded, not zeroed (their gptq/gptq.py:135).
 
 Steps 1 and 2 do not depend on each other. On a multi-core Linux CPU the backward passes start in
 a forked one-thread worker (importance.GradientWorker) and step 1 runs on the other thread
@@ -159,6 +172,8 @@ def compute_importance(
         t = time.perf_counter()
         want = needs & {"QW", "H_diag", "Hinv_diag"}
         if want:
+            # config.keep_value is not in the key: this first pass runs without a mask, and keep_value
+            # only decides what a kept weight stores (tests/test_gptq.py checks both give one result).
             key = {"kind": "qw", **common, "windows": samples_fingerprint(windows), "calib": config.calib,
                    "n_calib": len(windows), "seq_len": windows.shape[1], "seed": config.seed,
                    "qw_method": config.qw_method, **{f: getattr(config, f) for f in

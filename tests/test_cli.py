@@ -15,12 +15,15 @@ def test_config_rejects_bad_values():
         QuantConfig(ratio=1.0)
     with pytest.raises(ValueError, match="method"):
         QuantConfig(method="awq")
+    with pytest.raises(ValueError, match="keep_value='exact' is unknown"):
+        QuantConfig(keep_value="exact")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--bits", "5"], "bits=5"),
     (["--blocksize", "0"], "blocksize"),
     (["--eval", "/no/such/file.txt"], "nor an existing text file"),
+    (["--keep-value", "exact"], "choose 'compensated' (the authors' masked GPTQ) or 'original'"),
 ])
 def test_bad_input_exits_with_a_clear_message(argv, message, capsys):
     assert cli.main(["quantize", "--method", "rtn", "--quiet", *argv]) == 2
@@ -32,6 +35,10 @@ def test_table_formats_every_eval_set():
            "metrics": {"a.txt": {"ppl": 12.5, "kl": 0.25}, "wikitext2": {"ppl": 30.0, "kl": 0.75}}}
     text = cli.format_table([rec])
     assert "ppl a.txt" in text and "ppl wikitext2" in text and "3.047" in text and "0.5000" in text
+    rec["metrics"]["wikitext2"].update(ppl_low=28.25, ppl_high=31.5, n_tokens=8 * 511, n_windows=8)
+    text = cli.format_table([rec])
+    assert "30.00 [28.25, 31.50]" in text
+    assert "ppl wikitext2: [95 % bootstrap interval over windows], 8 windows × 511 predicted tokens" in text
 
 
 @pytest.mark.slow
@@ -109,3 +116,5 @@ def test_no_parallel_flag_maps_to_the_config():
     cli._add_quantize_args(p)
     assert cli.config_from_args(p.parse_args([])).parallel is True
     assert cli.config_from_args(p.parse_args(["--no-parallel"])).parallel is False
+    assert cli.config_from_args(p.parse_args([])).keep_value == "compensated"
+    assert cli.config_from_args(p.parse_args(["--keep-value", "original"])).keep_value == "original"

@@ -87,3 +87,35 @@ def test_perplexity_matches_manual_nll_and_kl_is_zero_to_itself():
     assert m.n_tokens == 62 and abs(m.kl) < 1e-6 and m.ref_ppl == pytest.approx(m.ppl)
     other = tiny_llama(seed=1)
     assert evaluate_lm(other, tokens, seq_len=32, reference=model, progress=False).kl > 1e-3
+
+
+def test_perplexity_comes_with_a_window_bootstrap_interval():
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (8 * 32,), generator=torch.Generator().manual_seed(2))
+    m = evaluate_lm(model, tokens, seq_len=32, progress=False)
+    assert m.n_windows == 8 and len(m.window_nll) == 8 and m.n_tokens == 8 * 31
+    assert m.nll == pytest.approx(sum(m.window_nll) / 8, rel=1e-9)
+    assert min(m.window_nll) < max(m.window_nll)  # windows differ, so the interval has width
+    assert m.ppl_low < m.ppl < m.ppl_high
+    assert math.exp(min(m.window_nll)) <= m.ppl_low and m.ppl_high <= math.exp(max(m.window_nll))
+    again = evaluate_lm(model, tokens, seq_len=32, progress=False)
+    assert (again.ppl_low, again.ppl_high) == (m.ppl_low, m.ppl_high)  # seeded: reproducible
+    one = evaluate_lm(model, tokens[:32], seq_len=32, progress=False)
+    assert one.n_windows == 1 and one.ppl_low is None and one.ppl_high is None
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """For 400 draws the percentile bootstrap of the mean is close to mean ± 1.96·sd/√n."""
+    from tacq_lite.eval import bootstrap_interval, format_ppl
+
+    values = torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3 + 3.0
+    low, high = bootstrap_interval(values)
+    half = 1.96 * values.std().item() / 20
+    assert low < values.mean().item() < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.15)
+    assert bootstrap_interval(torch.full((5,), 2.0, dtype=torch.float64)) == (2.0, 2.0)
+    assert bootstrap_interval(values[:1]) is None
+    with pytest.raises(ValueError, match="1-D"):
+        bootstrap_interval(values.view(20, 20))
+    text = format_ppl({"ppl": 42.081, "ppl_low": 40.5, "ppl_high": 44.0, "n_tokens": 64 * 511, "n_windows": 64})
+    assert text == "42.08 [40.50, 44.00] (64 × 511 tok)"

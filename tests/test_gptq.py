@@ -25,8 +25,12 @@ def make_layer(rows: int, cols: int, n: int = 256, seed: int = 0):
     return W, x, gptq
 
 
-def reference_gptq(W, H, *, bits, groupsize, sym, mse, percdamp, actorder):
-    """Plain GPTQ, one column at a time, in float64 (Frantar et al. 2022, Alg. 1 without lazy blocks)."""
+def reference_gptq(W, H, *, bits, groupsize, sym, mse, percdamp, actorder, mask=None):
+    """Plain GPTQ, one column at a time, in float64 (Frantar et al. 2022, Alg. 1 without lazy blocks).
+
+    With `mask`, TaCQ's masked GPTQ as the authors' gptq/gptq.py runs it (l. 207-297): a kept
+    weight is left out of the grid fit, stored with its working value and sends no error.
+    """
     W0 = W.clone()
     W = W.double().clone()  # [rows, cols]
     H = H.double().clone()  # [cols, cols]
@@ -34,11 +38,12 @@ def reference_gptq(W, H, *, bits, groupsize, sym, mse, percdamp, actorder):
     maxq = 2**bits - 1
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
+    keep = torch.zeros(W.shape, dtype=torch.bool) if mask is None else mask[:, perm]  # [rows, cols]
     damp = percdamp * torch.diag(H).mean()
     U = torch.linalg.cholesky(torch.linalg.inv(H + damp * torch.eye(cols, dtype=H.dtype)), upper=True)
     static = groupsize == -1 or actorder  # all grids fitted up front on the original W
     if static:
-        scale, zero = quant.find_params(W0, bits=bits, sym=sym, groupsize=groupsize, mse=mse)
+        scale, zero = quant.find_params(W0, bits=bits, sym=sym, groupsize=groupsize, mse=mse, mask=mask)
     Q = torch.zeros_like(W)
     loss = 0.0
     for i in range(cols):
@@ -46,10 +51,12 @@ def reference_gptq(W, H, *, bits, groupsize, sym, mse, percdamp, actorder):
             g = perm[i].item() // groupsize if groupsize > 0 else 0
             s, z = scale[:, g], zero[:, g]
         elif i % groupsize == 0:  # a new group: fit on the current, error-updated columns
-            s, z = quant.find_params(W[:, i : i + groupsize].float(), bits=bits, sym=sym, mse=mse)
+            m = None if mask is None else keep[:, i : i + groupsize]
+            s, z = quant.find_params(W[:, i : i + groupsize].float(), bits=bits, sym=sym, mse=mse, mask=m)
             s, z = s[:, 0], z[:, 0]
         s, z = s.double(), z.double()
         q = s * (torch.clamp(torch.round(W[:, i] / s) + z, 0, maxq) - z)  # [rows]
+        q = torch.where(keep[:, i], W[:, i], q)  # a kept weight: its working value, no error
         Q[:, i] = q
         err = (W[:, i] - q) / U[i, i]
         loss += (err.square() / 2).sum().item()
@@ -139,20 +146,75 @@ def test_mask_keeps_weights_and_ignores_them_in_the_grid(groupsize):
     W_out = torch.where(mask, 1000.0 * torch.sign(W), W)  # huge outliers on the kept positions
     gptq_out = GPTQ(W_out)
     gptq_out.H, gptq_out.nsamples = gptq.H.clone(), gptq.nsamples
-    res = gptq_out.quantize(bits=3, groupsize=groupsize, blocksize=8, mask=mask)
-    assert torch.equal(res.W_hat[mask], W_out[mask])  # bit-exact
-    # The grid ignores the outliers: same scales as the same run on W without them.
     same = GPTQ(W)
     same.H, same.nsamples = gptq.H.clone(), gptq.nsamples
-    res_plain = same.quantize(bits=3, groupsize=groupsize, blocksize=8, mask=mask)
-    torch.testing.assert_close(res.scale, res_plain.scale)
-    torch.testing.assert_close(res.W_hat[~mask], res_plain.W_hat[~mask])
-    assert res.scale.max() < 10  # an outlier in the fit would give scale ≈ 2000 / 7
+    for keep_value in ("original", "compensated"):
+        res = gptq_out.quantize(bits=3, groupsize=groupsize, blocksize=8, mask=mask, keep_value=keep_value)
+        # The grid ignores the outliers: same scales as the same run on W without them.
+        res_plain = same.quantize(bits=3, groupsize=groupsize, blocksize=8, mask=mask, keep_value=keep_value)
+        torch.testing.assert_close(res.scale, res_plain.scale)
+        torch.testing.assert_close(res.W_hat[~mask], res_plain.W_hat[~mask])
+        assert res.scale.max() < 10  # an outlier in the fit would give scale ≈ 2000 / 7
+        if keep_value == "original":
+            assert torch.equal(res.W_hat[mask], W_out[mask])  # bit-exact
+        else:  # the updates pushed onto a kept weight do not depend on its own value
+            torch.testing.assert_close(res.W_hat[mask] - W_out[mask], res_plain.W_hat[mask] - W[mask],
+                                       atol=1e-4, rtol=0)
     # Without a mask the outliers would dominate the grid.
     assert gptq_out.quantize(bits=3, groupsize=groupsize).scale.max() > 100
     if groupsize == -1:  # per channel the scale is fitted once, exactly as quant does
         scale, zero = quant.find_params(W_out, bits=3, mse=True, mask=mask)
         assert torch.equal(res.scale, scale) and torch.equal(res.zero, zero)
+
+
+@pytest.mark.parametrize(
+    "groupsize, blocksize, actorder, mse",
+    [
+        (-1, 8, False, True),  # per channel, several blocks
+        (12, 8, False, False),  # a group that starts mid-block and runs past it
+        (-1, 8, True, False),  # act-order
+    ],
+)
+def test_masked_matches_float64_reference(groupsize, blocksize, actorder, mse):
+    """Kept entries hold the compensated working value, as a plain column-by-column float64 run says."""
+    W, x, gptq = make_layer(16, 48, seed=13)
+    mask = torch.rand(16, 48, generator=torch.Generator().manual_seed(3)) < 0.08  # [rows, cols]
+    res = gptq.quantize(bits=3, groupsize=groupsize, blocksize=blocksize, actorder=actorder, mse=mse, mask=mask)
+    Q_ref, loss_ref = reference_gptq(W, gptq.H, bits=3, groupsize=groupsize, sym=False, mse=mse, percdamp=0.01,
+                                     actorder=actorder, mask=mask)
+    close = (res.W_hat.double() - Q_ref).abs() <= 1e-5
+    assert close.float().mean() >= 0.995, f"{(~close).sum()} entries differ"
+    torch.testing.assert_close(res.W_hat[mask].double(), Q_ref[mask], atol=1e-4, rtol=0)
+    assert res.loss == pytest.approx(loss_ref, rel=1e-3)
+    # The kept values really moved: compensation reached them (the reference says by how much).
+    moved = (Q_ref[mask] - W[mask].double()).abs()
+    assert moved.max() > 1e-2 and (res.W_hat[mask] != W[mask]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("groupsize, actorder", [(-1, False), (8, False), (8, True)])
+def test_original_is_compensated_with_the_original_values_put_back(groupsize, actorder):
+    """keep_value="original" is the pre-2026-11-29 behaviour: the same pass, the original value written
+    back at the end. The quantized entries, grids and loss do not depend on what a kept weight stores,
+    because a kept weight sends no error either way."""
+    W, x, gptq = make_layer(24, 48, seed=17)
+    mask = torch.rand(24, 48, generator=torch.Generator().manual_seed(5)) < 0.05  # [rows, cols]
+    comp = gptq.quantize(bits=2, groupsize=groupsize, actorder=actorder, blocksize=16, mask=mask)
+    orig = gptq.quantize(bits=2, groupsize=groupsize, actorder=actorder, blocksize=16, mask=mask,
+                         keep_value="original")
+    assert torch.equal(orig.W_hat, torch.where(mask, W, comp.W_hat))
+    for a, b in zip(comp[1:4], orig[1:4]):  # codes, scale, zero
+        assert torch.equal(a, b)
+    assert comp.loss == orig.loss
+    assert not torch.equal(comp.W_hat[mask], W[mask])  # the two options do differ
+
+
+def test_keep_value_needs_a_mask_to_matter():
+    W, x, gptq = make_layer(8, 24, seed=4)
+    a = gptq.quantize(bits=3, keep_value="original")
+    b = gptq.quantize(bits=3)
+    assert torch.equal(a.W_hat, b.W_hat) and a.loss == b.loss
+    with pytest.raises(ValueError, match="keep_value='exact' is unknown"):
+        gptq.quantize(bits=3, mask=torch.zeros(8, 24, dtype=torch.bool), keep_value="exact")
 
 
 def test_kept_column_pushes_no_error():

@@ -42,6 +42,9 @@ def test_choice_tasks_pick_the_likelier_option():
     plural = sum(s.answer == " are" for s in synthetic_samples("agreement")[:10])
     assert result.accuracy["agreement"] == pytest.approx(plural / 10)
     assert result.n == {"agreement": 10} and result.chance == {"agreement": 0.5}
+    # Per item: which were right (the plural ones) and each answer's NLL, averaging to the task's.
+    assert result.item_right["agreement"] == [s.answer == " are" for s in synthetic_samples("agreement")[:10]]
+    assert sum(result.item_nll["agreement"]) / 10 == pytest.approx(result.nll["agreement"])
 
 
 def test_open_tasks_need_the_exact_answer_then_a_newline():
