@@ -5,11 +5,11 @@
 
 Every linear of one decoder layer of the embedded model is quantized with GPTQ from the
 full-precision inputs of that layer, with no mask and with random masks of each ratio (the same
-Hessian for all). A kept weight is exact and sends no error forward (TaCQ's masked GPTQ), so it
-saves its own rounding error but drops the compensation that earlier columns pushed onto it.
-The printed table has both: the true layer error ‖x Wᵀ − x Ŵᵀ‖² / n measured on the calibration
-inputs, and GPTQ's own estimate (`loss`), which counts only the rounding errors of the quantized
-weights.
+Hessian for all), once per `keep_value`. A kept weight sends no error forward (TaCQ's masked
+GPTQ) and stores either its compensated working value (the default, as the authors' code) or its
+original value, which drops the compensation that earlier columns pushed onto it. The printed
+table has both the true layer error ‖x Wᵀ − x Ŵᵀ‖² / n measured on the calibration inputs and
+GPTQ's own estimate (`loss`), which counts only the rounding errors of the quantized weights.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tacq_lite import data, models, walk  # noqa: E402
-from tacq_lite.gptq import GPTQ, reconstruction_error  # noqa: E402
+from tacq_lite.gptq import GPTQ, KEEP_VALUES, reconstruction_error  # noqa: E402
 
 
 def layer_inputs(model, windows: torch.Tensor, layer_index: int) -> dict[str, torch.Tensor]:
@@ -46,18 +46,22 @@ def run(model, windows, *, layer_index: int, ratios: list[float], bits: int, mse
         for ratio in ratios:
             gen = torch.Generator().manual_seed(seed)
             mask = torch.rand(W.shape, generator=gen) < ratio if ratio > 0 else None  # [rows, cols]
-            res = gptq.quantize(bits=bits, mse=mse, mask=mask)
-            rows.append(dict(linear=name, ratio=ratio, kept=0 if mask is None else int(mask.sum()),
-                             layer_error=reconstruction_error(inputs[name], W, res.W_hat), gptq_loss=res.loss))
+            for keep_value in KEEP_VALUES if mask is not None else ("-",):
+                res = gptq.quantize(bits=bits, mse=mse, mask=mask,
+                                    **({} if mask is None else {"keep_value": keep_value}))
+                rows.append(dict(linear=name, ratio=ratio, keep_value=keep_value,
+                                 kept=0 if mask is None else int(mask.sum()),
+                                 layer_error=reconstruction_error(inputs[name], W, res.W_hat), gptq_loss=res.loss))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| linear | random ratio | kept | layer error | change vs no mask | GPTQ's loss |", "|---|---|---|---|---|---|"]
+    lines = ["| linear | random ratio | kept | keep value | layer error | change vs no mask | GPTQ's loss |",
+             "|---|---|---|---|---|---|---|"]
     base = {r["linear"]: r["layer_error"] for r in rows if r["ratio"] == 0}
     for r in rows:
         change = f"{r['layer_error'] / base[r['linear']] - 1:+.2%}" if r["linear"] in base else "-"
-        lines.append(f"| {r['linear']} | {r['ratio']:.2%} | {r['kept']} | {r['layer_error']:.4f} | {change} | "
+        lines.append(f"| {r['linear']} | {r['ratio']:.2%} | {r['kept']} | {r['keep_value']} | {r['layer_error']:.4f} | {change} | "
                      f"{r['gptq_loss']:.4f} |")
     return "\n".join(lines)
 

@@ -63,11 +63,16 @@ def test_gptq_pass_compare_counts_the_weights_that_differ(tmp_path, capsys):
 def test_mask_layer_error_on_a_tiny_llama(capsys):
     bench = load("mask_layer_error")
     rows = bench.main(["--tiny", "--n-calib", "2", "--seq-len", "16", "--ratios", "0,0.05"])
-    assert len(rows) == 2 * 7  # every linear of the layer, no mask and one random mask
+    assert len(rows) == 3 * 7  # every linear of the layer: no mask, one random mask stored two ways
     for r in rows:
         assert r["layer_error"] > 0 and r["gptq_loss"] > 0
         assert (r["kept"] > 0) == (r["ratio"] > 0)
-    assert "| self_attn.q_proj | 5.00% |" in capsys.readouterr().out
+    for name in {r["linear"] for r in rows}:  # a kept weight sends no error either way: same GPTQ loss
+        comp, orig = ([r for r in rows if r["linear"] == name and r["keep_value"] == kv][0]
+                      for kv in ("compensated", "original"))
+        assert comp["gptq_loss"] == orig["gptq_loss"] and comp["kept"] == orig["kept"]
+    out = capsys.readouterr().out
+    assert "| self_attn.q_proj | 5.00% |" in out and "| compensated |" in out and "| original |" in out
     with pytest.raises(SystemExit, match="decoder layers"):
         bench.main(["--tiny", "--layer", "7"])
 
