@@ -239,6 +239,47 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [  # (a, b) compared on the same windows: ppl_a / ppl_b
+    (("tacq", "compensated"), ("tacq", "original")), (("msg", "compensated"), ("msg", "original")),
+    (("random", "compensated"), ("random", "original")),
+    (("tacq", "compensated"), ("gptq", None)), (("tacq", "compensated"), ("msg", "compensated")),
+    (("tacq", "compensated"), ("random", "compensated")), (("tacq", "compensated"), ("hessian", "compensated")),
+    (("msg", "compensated"), ("random", "compensated")), (("hessian", "compensated"), ("random", "compensated")),
+    (("random", "compensated"), ("gptq", None)),
+]
+
+
+def paired_table(records: list[dict]) -> str:
+    """ppl_a / ppl_b per seed and ratio with the paired bootstrap interval over the shared windows
+    (tacq_lite.eval.paired_ppl_ratio): the windows' own difficulty cancels, so this interval is
+    far narrower than the two perplexity intervals side by side."""
+    from tacq_lite.eval import paired_ppl_ratio
+
+    def key(c):  # GPTQ's record carries the config's keep_value too; it has no mask, so it does not apply
+        return (c["selector"], c["keep_value"]) if c["method"] == "tacq" else (c["method"], None)
+
+    def name(k):
+        return k[0] if k[1] in (None, "compensated") else f"{k[0]} ({k[1]})"
+
+    found = {}
+    for r in records:
+        c = r["config"]
+        for ratio in ([c["ratio"]] if c["method"] == "tacq" else [0.0035, 0.01]):
+            found[(c["bits"], c["groupsize"], c["seed"], ratio, key(c))] = r["metrics"]["wikitext2"]["window_nll"]
+    head = "| a / b | bits | group | ratio | seed | ppl ratio [95 % paired CI] | verdict |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for (bits, gs, seed, ratio, ka) in sorted(k for k in found if k[4] in {a for a, _ in PAIRS}):
+        for a, b in PAIRS:
+            kb = (bits, gs, seed, ratio, b)
+            if a != ka or kb not in found:
+                continue
+            q, lo, hi = paired_ppl_ratio(found[(bits, gs, seed, ratio, a)], found[kb])
+            verdict = "a lower" if hi < 1 else "b lower" if lo > 1 else "not distinguishable"
+            lines.append(f"| {name(a)} / {name(b)} | {bits} | {gs} | {ratio:.2%} | {seed} | {q:.3f} [{lo:.3f}, {hi:.3f}] "
+                         f"| {verdict} |")
+    return "\n".join(lines)
+
+
 TABLES = {"tasks": task_table, "generation": generation_table}
 TABLES.update({name: paper_table for name in SUITES if name.startswith("paper-")})
 
@@ -253,6 +294,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="run only the rows of this calibration seed")
     p.add_argument("--summary", action="store_true", help="also print the over-seeds summary table")
     p.add_argument("--dry-run", action="store_true", help="list the rows and whether each has a record, run nothing")
+    p.add_argument("--report", action="store_true", help="print the tables from the records there are, run nothing")
     args = p.parse_args()
     common = dict(n_calib=args.n_calib, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
     # The paper-* suites share one folder: a configuration in two of them runs once.
@@ -274,6 +316,10 @@ def main() -> None:
         if args.dry_run:
             print(f"{'done' if out.is_file() else 'todo'}  {out.name}")
             continue
+        if args.report:
+            if out.is_file():
+                records.append(json.loads(out.read_text()))
+            continue
         records.append(run_one(cfg, common, out, evals))
         print(show(records[-1:]).splitlines()[-1], flush=True)
     if args.dry_run:
@@ -283,6 +329,8 @@ def main() -> None:
     if args.summary:
         print()
         print(summary_table(records))
+        print()
+        print(paired_table(records))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import time
 
 from .config import METHODS, QuantConfig
+from .gptq import KEEP_VALUES
 from .records import write_json_atomic
 
 RECORD_VERSION = 1
@@ -64,9 +65,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", default=d.selector, help="TaCQ: score that picks the kept weights")
     p.add_argument("--ratio", type=float, default=d.ratio, help="TaCQ: fraction of weights kept in 16-bit")
     p.add_argument("--qw-method", default=d.qw_method, choices=("gptq", "rtn"), help="TaCQ: how Q(W) is made")
-    p.add_argument("--keep-value", default=d.keep_value,
-                   help="TaCQ: what a kept weight stores: 'compensated' (the value GPTQ's error compensation moved "
-                        "it to, as the authors' code) or 'original' (checked by QuantConfig)")
+    p.add_argument("--keep-value", default=d.keep_value, choices=KEEP_VALUES,
+                   help="TaCQ: what a kept weight stores: the value GPTQ's error compensation moved it to (as the "
+                        "authors' code) or its original value")
     p.add_argument("--no-parallel", dest="parallel", action="store_false",
                    help="TaCQ: no forked worker; the backward passes run after the first GPTQ pass")
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")

@@ -71,8 +71,9 @@ def paired_ppl_ratio(window_nll_a, window_nll_b, **kwargs) -> tuple[float, float
     """
     a = torch.as_tensor(window_nll_a, dtype=torch.float64)  # [n_windows]
     b = torch.as_tensor(window_nll_b, dtype=torch.float64)  # [n_windows]
-    if a.shape != b.shape:
-        raise ValueError(f"the two runs have {a.numel()} and {b.numel()} windows; compare runs on the same windows.")
+    if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
+        raise ValueError(f"the two runs have {a.numel()} and {b.numel()} windows; compare runs on the same, "
+                         "non-empty set of windows.")
     bounds = bootstrap_interval(a - b, **kwargs)
     ratio = math.exp((a - b).mean().item())
     return (ratio, None, None) if bounds is None else (ratio, math.exp(bounds[0]), math.exp(bounds[1]))

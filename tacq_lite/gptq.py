@@ -20,13 +20,16 @@ The default is the authors' masked GPTQ (The-Inscrutable-X/TACQ at cfc4ccc, gptq
 the column is read after compensation (l. 207, `w = W1[:, i]`), its kept entries are added back
 to the quantized column (l. 269 `w_preserved = w*self.important_mask[:, i1 + i]`, l. 285
 `q = q + w_preserved`, l. 290 `Q1[:, i] = q`), so their error `(w - q) / d` (l. 293) is 0; the
-fill before the grid fit is l. 116-125 (per channel) and l. 220-231 (groups). "original" throws
+fill before the grid fit is l. 116-125 (per channel) and l. 220-231 (groups). (With act-order their
+loop reads the mask unpermuted, `important_mask[:, i1 + i]` on a permuted W, l. 150 and 269; here the
+mask is permuted with W. Act-order is off in their scripts and by default here.) "original" throws
 the pushed updates away, an error that GPTQ's own `loss` never counts: notebook 02 and
 BENCHMARKS.md measure what that costs.
 
 Dead input columns (H[i, i] == 0: the input is always 0 there) get H[i, i] = 1. Their
 row and column of H are zero, so they are decoupled: they are rounded to nearest, emit
-no error and add nothing to `loss`. The reference code zeroes such weights instead; rounding
+no error and add nothing to `loss`; a kept weight in such a column stores its original value
+under either keep_value. The reference code (and the authors', gptq/gptq.py l. 135) zeroes such weights instead; rounding
 keeps them useful on inputs the calibration set never switched on, and an all-zero Hessian
 then gives plain round-to-nearest.
 """
@@ -45,6 +48,7 @@ KEEP_VALUES = ("compensated", "original")  # what a kept weight is stored as; se
 
 
 def check_keep_value(keep_value: str) -> str:
+    """keep_value itself, or a ValueError naming the two choices."""
     if keep_value not in KEEP_VALUES:
         raise ValueError(f"keep_value={keep_value!r} is unknown; choose 'compensated' (the authors' masked GPTQ) "
                          "or 'original'.")

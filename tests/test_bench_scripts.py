@@ -91,3 +91,32 @@ def test_parallel_bench_on_a_tiny_llama():
     assert len(runs["gptq 1 thread x 2"][0]) == 2  # two processes, two timings
     timings = [t for v in runs.values() for t in (v[0] if isinstance(v[0], list) else [v[0]])]
     assert len(timings) == 6 and all(t > 0 for t in timings)
+
+
+def test_quality_bench_paper_tables_from_records():
+    """The issue-18 tables: per-seed rows, the over-seeds summary and the paired ratios, from records."""
+    bench = load("bench_quality")
+    seeds = (0, 1, 2)
+    assert {r["seed"] for r in bench.SUITES["paper-seeds"]} == set(seeds)
+    for sel in ("tacq", "msg", "random", "hessian"):  # the ranking rows run at every seed
+        assert {r["seed"] for r in bench.SUITES["paper-seeds"] if r.get("selector") == sel} == set(seeds)
+    names = [bench.row_name(r) for r in bench.SUITES["paper-selectors"]]
+    assert len(names) == len(set(names))
+
+    def record(method, seed, shift, selector="tacq", keep_value="compensated"):  # as config.to_dict() writes
+        nll = [3.0 + 0.1 * (i % 7) + shift for i in range(64)]  # 64 windows: hard and easy ones
+        cfg = dict(method=method, bits=3, groupsize=-1, seed=seed, selector=selector, ratio=0.0035,
+                   keep_value=keep_value)
+        m = dict(ppl=2.718 ** (sum(nll) / 64), ppl_low=1.0, ppl_high=100.0, n_tokens=64 * 511, n_windows=64,
+                 window_nll=nll)
+        return {"config": cfg, "metrics": {"wikitext2": m}, "avg_bits": 3.1, "seconds_total": 1.0}
+
+    recs = [r for s in seeds for r in (record("gptq", s, 0.05), record("tacq", s, 0.0),
+                                       record("tacq", s, 0.0001 * (s - 1), "tacq", "original"))]
+    summary = bench.summary_table(recs)
+    assert "| tacq tacq 0.35% compensated | 3 | -1 | 3 |" in summary and "s2:" in summary
+    paired = bench.paired_table(recs)
+    # tacq lies 0.05 nats below gptq on every window: exp(-0.05) with no spread; vs original: tiny shifts
+    assert "| tacq / gptq | 3 | -1 | 0.35% | 0 | 0.951 [0.951, 0.951] | a lower |" in paired
+    assert "| tacq / tacq (original) | 3 | -1 | 0.35% | 1 | 1.000 [1.000, 1.000] | not distinguishable |" in paired
+    assert "| tacq / tacq (original) | 3 | -1 | 0.35% | 0 | 1.000 [1.000, 1.000] | b lower |" in paired

@@ -23,7 +23,6 @@ def test_config_rejects_bad_values():
     (["--bits", "5"], "bits=5"),
     (["--blocksize", "0"], "blocksize"),
     (["--eval", "/no/such/file.txt"], "nor an existing text file"),
-    (["--keep-value", "exact"], "choose 'compensated' (the authors' masked GPTQ) or 'original'"),
 ])
 def test_bad_input_exits_with_a_clear_message(argv, message, capsys):
     assert cli.main(["quantize", "--method", "rtn", "--quiet", *argv]) == 2
@@ -118,3 +117,5 @@ def test_no_parallel_flag_maps_to_the_config():
     assert cli.config_from_args(p.parse_args(["--no-parallel"])).parallel is False
     assert cli.config_from_args(p.parse_args([])).keep_value == "compensated"
     assert cli.config_from_args(p.parse_args(["--keep-value", "original"])).keep_value == "original"
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'exact' (choose from compensated, original)"
+        p.parse_args(["--keep-value", "exact"])

@@ -208,6 +208,24 @@ def test_original_is_compensated_with_the_original_values_put_back(groupsize, ac
     assert not torch.equal(comp.W_hat[mask], W[mask])  # the two options do differ
 
 
+def test_a_kept_weight_in_a_dead_column_keeps_its_original_value():
+    """A dead input column receives no updates (its row and column of H are 0), so its working value
+    is the original one: both keep_values store it unchanged (the authors' code zeroes it, l. 135)."""
+    W, x, _ = make_layer(8, 24, seed=6)
+    x[:, 5] = 0  # input 5 is never switched on
+    gptq = GPTQ(W)
+    gptq.add_batch(x)
+    mask = torch.zeros(8, 24, dtype=torch.bool)
+    mask[[1, 4], 5] = True
+    mask[2, 10] = True
+    for keep_value in ("compensated", "original"):
+        res = gptq.quantize(bits=2, blocksize=8, mask=mask, keep_value=keep_value)
+        assert torch.equal(res.W_hat[[1, 4], 5], W[[1, 4], 5])
+    assert res.W_hat[2, 10] == W[2, 10]  # "original"; the compensated one moved
+    comp = gptq.quantize(bits=2, blocksize=8, mask=mask)
+    assert comp.W_hat[2, 10] != W[2, 10]
+
+
 def test_keep_value_needs_a_mask_to_matter():
     W, x, gptq = make_layer(8, 24, seed=4)
     a = gptq.quantize(bits=3, keep_value="original")

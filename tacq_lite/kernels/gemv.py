@@ -1,10 +1,10 @@
 """Fused dequantize + matmul for small batches: y = x @ W_finalᵀ, W_final = where(mask, kept, W_hat).
 
-TaCQ (arXiv 2504.07389) keeps ~0.35 % of weights exactly in fp16 and quantizes the rest.
+TaCQ (arXiv 2504.07389) keeps ~0.35 % of weights in fp16 and quantizes the rest.
 Decoding runs inside the matmul, so only the packed codes (bits / 16 of the fp16 bytes)
 cross the memory bus; at batch 1-16 that traffic is what sets the speed.
 
-Kept weights: the CSR `values` are the exact weights, and the codes at kept positions are
+Kept weights: the CSR `values` are the kept weights as stored, and the codes at kept positions are
 whatever the quantizer wrote there. The kernel first adds the dense part over every
 position, x @ W_hatᵀ, then for each kept (r, j) adds x[:, j] * (value - W_hat[r, j]), with
 W_hat[r, j] decoded again from the same codes. The sum equals x @ W_finalᵀ whatever code
