@@ -29,9 +29,9 @@ BENCHMARKS.md measure what that costs.
 Dead input columns (H[i, i] == 0: the input is always 0 there) get H[i, i] = 1. Their
 row and column of H are zero, so they are decoupled: they are rounded to nearest, emit
 no error and add nothing to `loss`; a kept weight in such a column stores its original value
-under either keep_value. The reference code (and the authors', gptq/gptq.py l. 135) zeroes such weights instead; rounding
-keeps them useful on inputs the calibration set never switched on, and an all-zero Hessian
-then gives plain round-to-nearest.
+under either keep_value. The reference code (and the authors', gptq/gptq.py l. 135) zeroes such
+weights instead; rounding keeps them useful on inputs the calibration set never switched on, and
+an all-zero Hessian then gives plain round-to-nearest.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ saving / loading whole quantized models in safetensors + JSON.
 A TaCQ layer (arXiv 2504.07389) is W_final = where(mask, W_kept, W_hat): most weights are
 integer codes on a per-row (or per-group) grid, W_hat = scale * (code - zero), and a few
 "kept" weights are stored in fp16 with whatever value the fake-quantized model holds
-there (by default the value GPTQ's compensation moved them to: gptq.py). `QuantLinear` holds exactly the tensors that go to disk:
+there (by default the value GPTQ's compensation moved them to: gptq.py). `QuantLinear` holds
+exactly the tensors that go to disk:
 
     qweight       int32 [out, ceil(in / per_word)]   codes, `pack.pack` layout
     scale, zero   fp16  [out, n_groups]              the grid (zero is an integer in fp16)
