@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ratios", default="0,0.0035,0.01")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a random tiny Llama and random tokens (for the tests)")
+    p.add_argument("--json", default=None, help="also write the rows and the settings to this JSON file")
     args = p.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     if any(not 0 <= r < 1 for r in ratios):
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--layer {args.layer}: the model has {len(walk.decoder_layers(model))} decoder layers.")
     rows = run(model, windows, layer_index=args.layer, ratios=ratios, bits=args.bits, mse=args.mse, seed=args.seed)
     print(table(rows))
+    if args.json:
+        from tacq_lite.records import write_json_atomic
+
+        write_json_atomic(args.json, {"settings": vars(args), "rows": rows})
     return rows
 
 
