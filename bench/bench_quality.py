@@ -126,8 +126,16 @@ EVALS = {
                   gsm8k_generate=False, synthetic_limit=20),
     "generation": dict(evals=["gsm8k"], gsm8k_limit=10, gsm8k_generate=True, gsm8k_max_new_tokens=256),
 }
+# The 3-bit rows of the task matrix at the paper's setting (MSE grids), with the compensated kept values:
+# GPTQ alone, then TaCQ calibrated on general text and on each task. Records keep every item's result
+# (MMLU questions, GSM8K solutions, synthetic items), so each metric gets a bootstrap interval.
+SUITES["paper-tasks"] = [dict(method="gptq", bits=3, groupsize=-1, seed=0)] + [
+    dict(method="tacq", bits=3, groupsize=-1, seed=0, selector="tacq", ratio=0.0035, keep_value="compensated", calib=c)
+    for c in ("wikitext2", "gsm8k", "mmlu")]
 PAPER_EVAL = dict(evals=["wikitext2"], eval_tokens=64 * 512, kl=False)  # 64 windows of 512, no KL
 EVALS.update({name: PAPER_EVAL for name in SUITES if name.startswith("paper-")})
+EVALS["paper-tasks"] = dict(EVALS["tasks"], evals=["wikitext2", "mmlu", "gsm8k", "synthetic"], eval_tokens=64 * 512,
+                            kl=False)
 
 
 def row_name(cfg: dict) -> str:
@@ -282,6 +290,7 @@ def paired_table(records: list[dict]) -> str:
 
 TABLES = {"tasks": task_table, "generation": generation_table}
 TABLES.update({name: paper_table for name in SUITES if name.startswith("paper-")})
+TABLES["paper-tasks"] = task_table
 
 
 def main() -> None:
@@ -298,7 +307,9 @@ def main() -> None:
     args = p.parse_args()
     common = dict(n_calib=args.n_calib, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
     # The paper-* suites share one folder: a configuration in two of them runs once.
-    out_dir = ROOT / "bench" / "results" / ("paper" if args.suite.startswith("paper-") else args.suite)
+    # (paper-tasks evaluates more than perplexity, so its records live apart.)
+    shared = args.suite.startswith("paper-") and args.suite != "paper-tasks"
+    out_dir = ROOT / "bench" / "results" / ("paper" if shared else args.suite)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = SUITES[args.suite]
     if args.only:

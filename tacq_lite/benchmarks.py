@@ -36,6 +36,8 @@ class MMLUResult:
     overall: float  # accuracy over all questions scored
     counts: dict[str, int]  # subject -> questions scored
     letter_nll: float  # mean -log p(correct letter | 4 letters): moves before accuracy does
+    item_right: list[bool] = field(default_factory=list)  # [n] each question, subject by subject: for intervals
+    item_nll: list[float] = field(default_factory=list)  # [n] each question's letter NLL
 
 
 def letter_token_ids(tok) -> list[int]:
@@ -97,6 +99,8 @@ def _mmlu_summary(correct: dict[str, list[bool]], nll: list[float]) -> MMLUResul
         overall=acc(every),
         counts={s: len(f) for s, f in correct.items()},
         letter_nll=sum(nll) / len(nll) if nll else float("nan"),
+        item_right=every,
+        item_nll=list(nll),
     )
 
 

@@ -120,7 +120,8 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
             r = mmlu_eval(model, tok, subjects=list(config.mmlu_subjects) or None, max_per_subject=config.mmlu_limit,
                           progress=progress)
             metrics[name] = {"accuracy": r.overall, "letter_nll": r.letter_nll, "categories": r.categories,
-                             "subjects": r.subjects, "n": sum(r.counts.values())}
+                             "subjects": r.subjects, "n": sum(r.counts.values()),
+                             "item_right": r.item_right, "item_nll": r.item_nll}
         elif name == "gsm8k":
             from .benchmarks import gsm8k_eval
 

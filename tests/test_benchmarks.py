@@ -63,6 +63,8 @@ def test_mmlu_scores_letters_in_order(tiny_data):
     logp = torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)  # [4] in A, B, C, D order
     expected_nll = -sum(float(logp["ABCD".index(a)]) for a in answers) / len(answers)
     assert result.letter_nll == pytest.approx(expected_nll, abs=1e-5)
+    assert result.item_right == [a == "C" for a in answers]  # per question, for bootstrap intervals
+    assert sum(result.item_nll) / 4 == pytest.approx(expected_nll, abs=1e-5)
     prefers_a = mmlu_eval(letter_model(tok, [4.0, 1.0, 2.0, 3.0]), tok, subjects="astronomy", progress=False)
     assert prefers_a.overall == pytest.approx(0.25)
     assert mmlu_eval(letter_model(tok, scores), tok, subjects="astronomy", max_per_subject=1,
