@@ -8,6 +8,12 @@ from tacq_lite import data, quant, walk
 from tacq_lite.gptq import GPTQ
 
 
+def half_trace(H, W, W_hat):
+    """½ tr(ΔW H ΔWᵀ) = ‖X Wᵀ − X Ŵᵀ‖² / n on the inputs that built H."""
+    dW = (W - W_hat).double()
+    return 0.5 * ((dW @ H.double()) * dW).sum().item()
+
+
 @pytest.fixture(scope="module")
 def two_layer_model(embedded_gguf):
     from tacq_lite import models
@@ -23,10 +29,6 @@ def two_layer_model(embedded_gguf):
 def test_gptq_beats_rtn_on_every_linear(two_layer_model, bits):
     model, windows = two_layer_model
     errs = {}
-
-    def half_trace(H, W, W_hat):  # ½ tr(ΔW H ΔWᵀ) = ‖X Wᵀ − X Ŵᵀ‖² / n on the captured inputs
-        dW = (W - W_hat).double()
-        return 0.5 * ((dW @ H.double()) * dW).sum().item()
 
     def finish(name, linear, stats):
         W = linear.weight.data
@@ -51,10 +53,6 @@ def test_random_masks_with_compensated_values_do_not_raise_the_layer_error(two_l
     linear may sit up to 3 % above, and the mean over the layer's seven linears must not."""
     model, windows = two_layer_model
     seen = {}
-
-    def half_trace(H, W, W_hat):  # ½ tr(ΔW H ΔWᵀ) = ‖X Wᵀ − X Ŵᵀ‖² / n on the captured inputs
-        dW = (W - W_hat).double()
-        return 0.5 * ((dW @ H.double()) * dW).sum().item()
 
     def finish(name, linear, stats):
         if not name.startswith("model.layers.1."):  # layer 1: inputs shaped by a full-precision layer 0
