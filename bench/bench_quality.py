@@ -288,9 +288,74 @@ def paired_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_ci(values) -> str:
+    """mean [95 % bootstrap interval] of per-item values (questions, solutions, items)."""
+    import torch
+
+    from tacq_lite.eval import bootstrap_interval
+
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    lo, hi = bootstrap_interval(v)
+    return f"{v.mean():.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+# (column, eval, per-item key) of the paper-tasks tables: every metric there is a mean over items.
+TASK_ITEMS = [("MMLU acc", "mmlu", "item_right"), ("MMLU letter NLL", "mmlu", "item_nll"),
+              ("GSM8K answer NLL", "gsm8k", "item_nll"), ("synthetic acc", "synthetic", "item_right"),
+              ("synthetic NLL", "synthetic", "item_nll")]
+
+
+def _task_label(c: dict) -> str:
+    return f"tacq ({c['calib']} calibration)" if c["method"] == "tacq" else c["method"]
+
+
+def paper_task_table(records: list[dict]) -> str:
+    """Every metric with its 95 % bootstrap interval: over windows (perplexity) or over items."""
+    head = ("| configuration | WikiText-2 ppl [95 % CI] | " + " | ".join(f"{name} [95 % CI]" for name, _, _ in TASK_ITEMS)
+            + " | seconds |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        m = r["metrics"]
+        lines.append(f"| {_task_label(r['config'])} | {_ppl(m['wikitext2'])} | "
+                     + " | ".join(_mean_ci(m[e][k]) for _, e, k in TASK_ITEMS) + f" | {r['seconds_total']:.0f} |")
+    if records:
+        m = records[0]["metrics"]
+        lines.append(f"\nItems: WikiText-2 {m['wikitext2']['n_windows']} windows × "
+                     f"{m['wikitext2']['n_tokens'] // m['wikitext2']['n_windows']} tokens; MMLU {m['mmlu']['n']} "
+                     f"questions; GSM8K {m['gsm8k']['n']} test solutions (answer NLL); synthetic "
+                     f"{len(m['synthetic']['item_right'])} items.")
+    return "\n".join(lines)
+
+
+def paper_task_paired(records: list[dict]) -> str:
+    """Each TaCQ row minus GPTQ on the same items, with the bootstrap interval of the paired differences."""
+    import torch
+
+    from tacq_lite.eval import bootstrap_interval, paired_ppl_ratio
+
+    base = next((r for r in records if r["config"]["method"] == "gptq"), None)
+    head = "| configuration − gptq | WikiText-2 ppl ratio [95 % CI] | " + " | ".join(
+        f"Δ {name} [95 % CI]" for name, _, _ in TASK_ITEMS) + " |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in records:
+        if base is None or r is base:
+            continue
+        q, lo, hi = paired_ppl_ratio(r["metrics"]["wikitext2"]["window_nll"], base["metrics"]["wikitext2"]["window_nll"])
+        cells = [f"{q:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if lo <= 1 <= hi else " *")]
+        for _, e, k in TASK_ITEMS:
+            d = (torch.tensor([float(x) for x in r["metrics"][e][k]], dtype=torch.float64)
+                 - torch.tensor([float(x) for x in base["metrics"][e][k]], dtype=torch.float64))
+            dlo, dhi = bootstrap_interval(d)
+            cells.append(f"{d.mean():+.3f} [{dlo:+.3f}, {dhi:+.3f}]" + ("" if dlo <= 0 <= dhi else " *"))
+        lines.append(f"| {_task_label(r['config'])} | " + " | ".join(cells) + " |")
+    lines.append("\n`*`: the interval excludes no difference (ratio 1, Δ 0); every other cell is not distinguishable "
+                 "from GPTQ on these items.")
+    return "\n".join(lines)
+
+
 TABLES = {"tasks": task_table, "generation": generation_table}
 TABLES.update({name: paper_table for name in SUITES if name.startswith("paper-")})
-TABLES["paper-tasks"] = task_table
+TABLES["paper-tasks"] = paper_task_table
 
 
 def main() -> None:
@@ -332,12 +397,15 @@ def main() -> None:
                 records.append(json.loads(out.read_text()))
             continue
         records.append(run_one(cfg, common, out, evals))
-        print(show(records[-1:]).splitlines()[-1], flush=True)
+        print(show(records[-1:]).splitlines()[2], flush=True)
     if args.dry_run:
         return
     print(f"\n{args.suite}: {date.today()}, `python bench/bench_quality.py {' '.join(sys.argv[1:])}`\n")
     print(show(records))
-    if args.summary:
+    if args.summary and args.suite == "paper-tasks":
+        print()
+        print(paper_task_paired(records))
+    elif args.summary:
         print()
         print(summary_table(records))
         print()

@@ -1,9 +1,10 @@
-"""Write the issue-18 tables into BENCHMARKS.md from the records in bench/results/paper/.
+"""Write the issue-18 tables into BENCHMARKS.md from the records in bench/results/paper/ and
+bench/results/paper-tasks/.
 
     python bench/fill_paper_tables.py
 
-Runs `bench_quality.py paper-seeds --report --summary` and `paper-selectors --report --summary`
-(nothing is quantized) and replaces the text between the `<!-- paper tables` markers.
+Runs `bench_quality.py <suite> --report --summary` for paper-seeds, paper-selectors, paper-2bit and
+paper-tasks (nothing is quantized) and replaces the text between the `<!-- paper tables` markers.
 """
 import re
 import subprocess
@@ -13,21 +14,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def report(*args):
-    return subprocess.run([sys.executable, "bench/bench_quality.py", *args, "--report"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
+def tables(suite: str) -> list[str]:
+    """The markdown tables `bench_quality.py SUITE --report --summary` prints, in order."""
+    out = subprocess.run([sys.executable, "bench/bench_quality.py", suite, "--report", "--summary"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [b for b in out.strip().split("\n\n") if b.startswith("|")]
 
-seeds = report("paper-seeds", "--summary")
-blocks = [b for b in seeds.strip().split("\n\n") if b.startswith("|")]
-per_row, summary, paired = blocks
-sel = report("paper-selectors", "--summary")
-sblocks = [b for b in sel.strip().split("\n\n") if b.startswith("|")]
-sel_rows, _, sel_paired = sblocks
-head, rule, *pairs = sel_paired.split("\n")
-one_pct = [l for l in pairs if "| 1.00% |" in l]
-sel_paired = "\n".join([head, rule, *one_pct]) if one_pct else "(no 1 % pair measured yet)"
-text = f"""<!-- paper tables: made by `python bench/bench_quality.py paper-seeds --report --summary` and
-`python bench/bench_quality.py paper-selectors --report --summary` from the records in bench/results/paper/ -->
+
+def rows_with(table: str, marker: str) -> str:
+    head, rule, *rows = table.split("\n")
+    picked = [line for line in rows if marker in line]
+    return "\n".join([head, rule, *picked]) if picked else "(not measured yet)"
+
+
+def task_blocks() -> tuple[str, str]:
+    out = subprocess.run([sys.executable, "bench/bench_quality.py", "paper-tasks", "--report", "--summary"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    blocks = out.strip().split("\n\n")[1:]  # after the command line: table + items note, paired + legend
+    return "\n\n".join(blocks[:2]), "\n\n".join(blocks[2:])
+
+
+def main() -> None:
+    _, summary, paired = tables("paper-seeds")
+    sel_rows, _, sel_paired = tables("paper-selectors")
+    two_rows, _, two_paired = tables("paper-2bit")
+    task_rows, task_paired = task_blocks()
+    text = f"""<!-- paper tables: made by `python bench/fill_paper_tables.py` (bench_quality.py paper-seeds,
+paper-selectors, paper-2bit and paper-tasks with --report --summary) from the records in bench/results/paper/
+and bench/results/paper-tasks/ -->
 
 **Over seeds (0.35 % kept, compensated unless marked).** Mean over the calibration seeds, their
 spread, and the envelope of the per-seed 95 % intervals (the lowest lower bound to the highest upper
@@ -42,23 +56,43 @@ models differ *on this text at this seed*, not across seeds:
 
 {paired}
 
-**Seed 0, every selector measured so far** (the rest of the paper-selectors suite is queued):
+**Seed 0, every selector, both budgets, both keep values for tacq / msg / random** (3-bit per
+channel, MSE grids):
 
 {sel_rows}
 
 Paired at 1 % kept, seed 0:
 
-{sel_paired}
+{rows_with(sel_paired, "| 1.00% |")}
+
+**2-bit, groups of 64, MSE grids** (seed 0, compensated):
+
+{two_rows}
+
+Paired, seed 0:
+
+{two_paired}
+
+**Task calibration, 3-bit per channel, MSE grids, 0.35 % kept** (seed 0, compensated): TaCQ
+calibrated on WikiText-2, on GSM8K (train solutions, loss on the answers) and on MMLU (dev + val
+questions), beside GPTQ. Intervals are bootstrap intervals over windows (perplexity) or over items:
+
+{task_rows}
+
+Each TaCQ row minus GPTQ on the same windows and items (paired bootstrap):
+
+{task_paired}
 <!-- /paper tables -->"""
-p = ROOT / "BENCHMARKS.md"
-s = p.read_text()
-if "PAPER_TABLES_PLACEHOLDER" in s:
-    s = s.replace("PAPER_TABLES_PLACEHOLDER", text)
-elif "<!-- paper tables:" in s:
+    p = ROOT / "BENCHMARKS.md"
+    s = p.read_text()
+    if "<!-- paper tables:" not in s:
+        sys.exit("BENCHMARKS.md has no <!-- paper tables --> markers; nothing written.")
     s = re.sub(r"<!-- paper tables:.*?<!-- /paper tables -->", lambda m: text, s, flags=re.S)
-else:
-    sys.exit("BENCHMARKS.md has no <!-- paper tables --> markers; nothing written.")
-tmp = p.with_suffix(".md.tmp")
-tmp.write_text(s)
-tmp.replace(p)  # never half-written
-print(f"wrote the paper tables into {p}")
+    tmp = p.with_suffix(".md.tmp")
+    tmp.write_text(s)
+    tmp.replace(p)  # never half-written
+    print(f"wrote the paper tables into {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,11 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 from .config import METHODS, QuantConfig
 from .gptq import KEEP_VALUES
-from .records import write_json_atomic
+from .records import check_output_dir, check_output_file, write_json_atomic
 
 RECORD_VERSION = 1
 TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
@@ -40,6 +41,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kl", dest="kl", action="store_false", help="skip KL to full precision (saves memory)")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON record here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -85,6 +87,17 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def check_model(model, config: QuantConfig) -> None:
+    """Fail right after loading, before any long work: damaged weights, windows beyond the context."""
+    from .models import check_finite_weights, context_length
+
+    check_finite_weights(model)
+    limit = context_length(model)
+    if limit is not None and config.seq_len > limit:
+        raise ValueError(f"--seq-len {config.seq_len} is longer than the model's context ({limit} tokens); "
+                         f"pass --seq-len {min(limit, 512)} or less.")
 
 
 def check_evals(evals) -> None:
@@ -166,10 +179,14 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         if config.method == "fp":
             raise ValueError("--save stores a quantized model; --method fp has nothing to pack.")
         check_save_target(save, overwrite=overwrite)
+        check_output_dir(Path(save).expanduser().parent, "--save")
+    if config.cache_dir is not None and config.method == "tacq":
+        check_output_dir(config.cache_dir, "--cache-dir")
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, tok = load_model(config.model)
+    check_model(model, config)
     seconds["load"] = time.perf_counter() - t
     # Check every perplexity source before any long work starts.
     streams = perplexity_streams(tok, config)
@@ -264,11 +281,16 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
     else:
         model, tok = load_model(config.model)
         source = None
+    check_model(model, config)
     seconds["load"] = time.perf_counter() - t
     streams = perplexity_streams(tok, config)
     reference = None
     if config.kl and streams and source is not None:
-        reference = load_model(source)[0]
+        try:
+            reference = load_model(source)[0]
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which cannot "
+                             f"be loaded: {err} Pass --no-kl to evaluate without it.") from None
     metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
                                       log=log)
     seconds.update(eval_seconds)
@@ -361,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("student", help="write student copies of the notebooks, solutions removed")
     st.add_argument("notebooks", nargs="*", help="notebooks (default: every notebook in notebooks/ with exercises)")
     st.add_argument("--out", required=True, help="folder for the student copies")
+    st.add_argument("--overwrite", action="store_true", help="replace student copies already in --out")
     args = parser.parse_args(argv)
     if args.command == "sweep":
         return _sweep(args)
@@ -368,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return _student(args)
     try:
         config = config_from_args(args)
+        if args.json_path:  # checked before any work: a wrong path must not cost the run
+            check_output_file(args.json_path, "--json")
         if args.command == "quantize":
             record = run_quantize(config, save=args.save, overwrite=args.overwrite, progress=not args.quiet)
         else:
@@ -377,15 +402,34 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("nothing to do: give --eval NAME and/or --prompt TEXT.")
             record = run_eval(config, load=args.load, prompts=tuple(args.prompt), max_new_tokens=args.max_new_tokens,
                               progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, TypeError) as err:
-        print(f"tacq-lite: error: {err}", file=sys.stderr)
+        if record["metrics"]:
+            print(format_table([record]))
+        if args.json_path:
+            write_json_atomic(args.json_path, record)
+            print(f"wrote {args.json_path}")
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"tacq-lite: error: {one_line(err)}", file=sys.stderr)
         return 2
-    if record["metrics"]:
-        print(format_table([record]))
-    if args.json_path:
-        write_json_atomic(args.json_path, record)
-        print(f"wrote {args.json_path}")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("tacq-lite: interrupted; nothing half-written is left (outputs are written whole or not at all).",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+# What bad input or a bad environment raises: one line on stderr, exit 2 (--debug: the traceback).
+# OSError covers a full disk or a read-only place met after the up-front checks.
+USER_ERRORS = (ValueError, OSError, NotImplementedError, KeyError, TypeError)
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if not isinstance(err, OSError) or err.filename is None or str(err.filename) in text \
+        else f"{err.filename}: {text}"
 
 
 def _student(args) -> int:
@@ -399,8 +443,8 @@ def _student(args) -> int:
         missing = [str(n) for n in notebooks if not Path(n).is_file()]
         if missing:
             raise FileNotFoundError(f"no such notebook: {', '.join(missing)}")
-        counts = make_student_copies(notebooks, args.out)
-    except (ValueError, FileNotFoundError) as err:
+        counts = make_student_copies(notebooks, args.out, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
         print(f"tacq-lite: error: {err}", file=sys.stderr)
         return 2
     if not counts:

@@ -6,9 +6,11 @@ fields one to one; everything downstream receives the record explicitly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 METHODS = ("fp", "rtn", "gptq", "tacq")
+QW_METHODS = ("gptq", "rtn")  # how TaCQ's Q(W) is made
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ class QuantConfig:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}.")
         if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}.")
-        if self.percdamp <= 0:
-            raise ValueError(f"percdamp must be positive, got {self.percdamp}.")
+        if not (math.isfinite(self.percdamp) and self.percdamp > 0):
+            raise ValueError(f"percdamp must be a finite positive number (default 0.01), got {self.percdamp}.")
+        if self.groupsize != -1 and self.groupsize < 1:
+            raise ValueError(f"groupsize must be -1 (per channel) or a positive group width, got {self.groupsize}.")
+        if self.qw_method not in QW_METHODS:
+            raise ValueError(f"qw_method={self.qw_method!r} is unknown; choose one of {QW_METHODS}.")
         if self.n_calib < 1 or self.seq_len < 2:
             raise ValueError(f"need n_calib >= 1 and seq_len >= 2, got {self.n_calib}, {self.seq_len}.")
         for name in ("eval_tokens", "mmlu_limit", "gsm8k_limit", "gsm8k_max_new_tokens", "synthetic_limit"):
@@ -68,9 +74,11 @@ class QuantConfig:
             raise TypeError("evals and mmlu_subjects are tuples of names, e.g. evals=('wikitext2',).")
         from .gptq import check_keep_value
         from .quant import check_bits
+        from .scores import get_selector
 
         check_bits(self.bits)
         check_keep_value(self.keep_value)
+        get_selector(self.selector)  # an unknown name fails here, whatever the method
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

@@ -59,11 +59,21 @@ def _wikitext2_halves() -> tuple[str, str, str]:
     return "".join(train["text"]), "".join(test["text"]), where
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a user's file; one that is not UTF-8 is a ValueError naming the file and the bad byte."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # read_text decodes the whole file at once: err.start is its byte offset
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "convert it with iconv -t utf-8 or pass a UTF-8 file.") from None
+
+
 def _read_file(name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Text file {str(path)!r} does not exist; pass '{WIKITEXT2}' or an existing file.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"Text file {str(path)!r} is empty; pass a file with text in it.")
     return text

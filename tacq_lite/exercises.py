@@ -312,26 +312,44 @@ def student_copy(src, dst) -> int:
 
     nb = nbformat.read(str(src), as_version=4)
     n = _strip_notebook(nb, src)
-    nbformat.write(nb, str(dst))
+    _write_notebook(nb, dst)
     return n
 
 
-def make_student_copies(notebooks, out_dir) -> dict[str, int]:
-    """Student copies of every notebook holding exercises, in out_dir; {name: exercise count}."""
+def _write_notebook(nb, dst) -> None:
+    """Write atomically: an interrupted run never leaves half a notebook (nbformat.write's text and newline)."""
+    import nbformat
+
+    from .records import write_text_atomic
+
+    text = nbformat.writes(nb)
+    write_text_atomic(dst, text if text.endswith("\n") else text + "\n")
+
+
+def make_student_copies(notebooks, out_dir, *, overwrite: bool = False) -> dict[str, int]:
+    """Student copies of every notebook holding exercises, in out_dir; {name: exercise count}.
+
+    Every notebook is read and stripped first; nothing is written when one fails, or when a
+    copy already exists in out_dir and `overwrite` is False.
+    """
     from pathlib import Path
 
     import nbformat
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    counts, copies = {}, []
     for src in map(Path, notebooks):
         if src.resolve().parent == out_dir.resolve():
             raise ValueError(f"{out_dir} holds the solution notebooks themselves; choose another --out folder.")
         nb = nbformat.read(str(src), as_version=4)
         if _has_exercises(nb):
             counts[src.name] = _strip_notebook(nb, src)
-            nbformat.write(nb, str(out_dir / src.name))
+            copies.append((nb, out_dir / src.name))
+    existing = [dst for _, dst in copies if dst.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it.")
+    for nb, dst in copies:
+        _write_notebook(nb, dst)
     return counts
 
 

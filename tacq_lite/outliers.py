@@ -14,13 +14,17 @@ above that bound (a few times k) are gathered and ranked (`kth_largest`): ~9 s i
 ~14 s for a concatenated topk over SmolLM2-135M's 106 M scores on a busy 2-core CPU.
 
 The score cache stores what lets a new ratio or selector skip the backward passes and the
-first GPTQ pass: one safetensors file whose metadata holds the JSON key it was computed for.
-Files are written to a temporary name and renamed into place (atomic on POSIX), so a
-killed run never leaves a half-written file under the real name; a key mismatch or an
-unreadable file is a miss announced with a CacheWarning, never a silent reuse.
+first GPTQ pass: one safetensors file whose metadata holds the JSON key it was computed for
+and a sha256 over the key and every tensor's name, dtype, shape and bytes. Files are written to
+a temporary name and renamed into place (atomic on POSIX), so a killed run never leaves a
+half-written file under the real name. On reading, a key mismatch, an unreadable file, a
+checksum that does not match, a NaN/Inf or a tensor of the wrong shape is a miss announced
+with a CacheWarning naming the file, never a silent reuse; the caller recomputes and the
+rewrite replaces the damaged file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,8 +36,9 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-CACHE_FORMAT = 1  # bump when the meaning of cached tensors changes
+CACHE_FORMAT = 2  # bump when the meaning of cached tensors changes (2: sha256 in the metadata)
 KEY_FIELD = "tacq_lite_key"
+CHECKSUM_FIELD = "tacq_lite_sha256"
 
 
 def n_keep(total: int, ratio: float) -> int:
@@ -51,7 +56,8 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         s = s.float().reshape(-1)  # [rows * cols]; no copy for contiguous float32
         lo, hi = torch.aminmax(s)  # one pass; NaN propagates into both
         if not (lo >= 0 and hi < float("inf")):
-            raise ValueError(f"scores of {name} must be finite and >= 0 (selectors return magnitudes).")
+            raise ValueError(f"scores of {name} must be finite and >= 0 (selectors return magnitudes); look for "
+                             "NaN/Inf in that linear's selector inputs (W, G, G2, QW, H).")
         flat.append(s)
     return flat
 
@@ -119,6 +125,7 @@ def select_columns(
     for n in names:
         if column_scores[n].shape != (shapes[n][1],):
             raise ValueError(f"{n}: column score shape {tuple(column_scores[n].shape)}, expected ({shapes[n][1]},).")
+    _check_scores(column_scores)  # a NaN would sort first and be kept
     s = torch.cat([column_scores[n].float().cpu() for n in names])  # [C] every column of every linear
     cost = torch.cat([torch.full((shapes[n][1],), shapes[n][0], dtype=torch.long) for n in names])  # [C]
     order = torch.sort(s, descending=True, stable=True).indices  # [C] stable: ties keep index order
@@ -170,28 +177,71 @@ def _key_text(key: Mapping) -> str:
     return json.dumps({"format": CACHE_FORMAT, **key}, sort_keys=True, default=str)
 
 
+def cache_checksum(tensors: Mapping[str, torch.Tensor], key_text: str) -> str:
+    """sha256 over the key and each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(key_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def save_cache(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], key: Mapping) -> Path:
-    """Write tensors + JSON key to `path` (safetensors) atomically; returns the path."""
+    """Write tensors + JSON key + checksum to `path` (safetensors) atomically; returns the path.
+
+    Any failure to write (full disk, read-only place) is an OSError naming the file; nothing is
+    left under the real name or the temporary one.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    key_text = _key_text(key)
+    tmp = None
     try:
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp,
-                  metadata={KEY_FIELD: _key_text(key)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file(tensors, tmp, metadata={KEY_FIELD: key_text, CHECKSUM_FIELD: cache_checksum(tensors, key_text)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except SafetensorError as err:  # safetensors reports a full disk as its own error type
+        raise OSError(f"could not write score cache {path}: {err}") from None
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
-def load_cache(path: str | os.PathLike, key: Mapping) -> dict[str, torch.Tensor] | None:
-    """The tensors saved under exactly this key, or None (no file, other key, unreadable file)."""
+def _cache_problem(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple] | None) -> str | None:
+    """Why these tensors cannot be used (non-finite values, wrong or missing shapes), or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"{name} holds NaN/Inf values"
+    if shapes is None:
+        return None
+    for name, t in tensors.items():
+        if name not in shapes:
+            return f"it holds {name}, which this model does not have"
+        if tuple(t.shape) != tuple(shapes[name]):
+            return f"{name} has shape {tuple(t.shape)}, the model needs {tuple(shapes[name])}"
+    for part in {n.split("/", 1)[0] for n in tensors}:  # a part that is there must be complete
+        missing = [n for n in shapes if n.split("/", 1)[0] == part and n not in tensors]
+        if missing:
+            return f"it lacks {missing[0]}"
+    return None
+
+
+def load_cache(path: str | os.PathLike, key: Mapping, *, shapes: Mapping[str, tuple] | None = None
+               ) -> dict[str, torch.Tensor] | None:
+    """The tensors saved under exactly this key, verified, or None (no file, other key, damaged).
+
+    shapes: {tensor name: shape} the caller can use; a cached tensor outside it, of another
+    shape, or a part ("G/...") with some of its names missing makes the file a miss.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -199,7 +249,8 @@ def load_cache(path: str | os.PathLike, key: Mapping) -> dict[str, torch.Tensor]
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get(KEY_FIELD)
+            meta = f.metadata() or {}
+            stored = meta.get(KEY_FIELD)
             if stored != _key_text(key):
                 old = json.loads(stored) if stored else {}
                 new = json.loads(_key_text(key))
@@ -207,8 +258,17 @@ def load_cache(path: str | os.PathLike, key: Mapping) -> dict[str, torch.Tensor]
                 warnings.warn(f"score cache {path} was computed for another setting (differs in: "
                               f"{', '.join(diff) or 'unknown'}); not reusing it.", CacheWarning, stacklevel=2)
                 return None
-            return {n: f.get_tensor(n) for n in f.keys()}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
     except Exception as err:  # truncated or corrupted file: recompute rather than crash
         warnings.warn(f"score cache {path} is unreadable ({type(err).__name__}: {err}); recomputing.",
                       CacheWarning, stacklevel=2)
         return None
+    if meta.get(CHECKSUM_FIELD) != cache_checksum(tensors, stored):
+        problem = "its data does not match the checksum written with it"
+    else:
+        problem = _cache_problem(tensors, shapes)
+    if problem:
+        warnings.warn(f"score cache {path} is damaged ({problem}); discarding it and recomputing.", CacheWarning,
+                      stacklevel=2)
+        return None
+    return tensors

@@ -58,6 +58,9 @@ class QuantLinear(nn.Module):
                  bias: bool = False, device=None, dtype: torch.dtype = torch.float32, backend: str = "auto"):
         super().__init__()
         check_bits(bits)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features={in_features}, out_features={out_features}: a QuantLinear needs at "
+                             "least one input and one output feature.")
         gs = check_groupsize(groupsize, in_features)
         if nnz < 0 or nnz > in_features * out_features:
             raise ValueError(f"nnz={nnz} outside [0, {in_features * out_features}].")
@@ -92,6 +95,9 @@ class QuantLinear(nn.Module):
         where `mask` is True (those weights are stored as W holds them, in fp16)."""
         W = linear.weight.detach().float()  # [out, in]
         out_f, in_f = W.shape
+        if W.numel() == 0:
+            raise ValueError(f"linear.weight is empty (shape {tuple(W.shape)}); only a linear with at least one "
+                             "input and one output can be packed.")
         gs = check_groupsize(groupsize, in_f)
         if scale.shape != (out_f, in_f // gs) or zero.shape != scale.shape:
             raise ValueError(f"scale/zero shapes {tuple(scale.shape)}/{tuple(zero.shape)} do not fit a "
@@ -139,6 +145,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import dequant_matmul
 
+        if x.shape[-1] != self.in_features:  # shapes only, no sync
+            raise ValueError(f"input has {x.shape[-1]} features (last dim) but this layer has "
+                             f"in_features={self.in_features}; pass x of shape [..., {self.in_features}].")
         y = dequant_matmul(x, self.qweight, self.scale, self.zero, self.kept, bits=self.bits,
                            groupsize=self.groupsize, backend=self.backend)  # [..., out]
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -205,17 +214,33 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
 
 
 def check_save_target(folder: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Raise unless `folder` is new, empty, or (with overwrite) a tacq_lite model: nothing else is replaced."""
+    """Raise unless `folder` is new, empty, or (with overwrite) a tacq_lite model and nothing else.
+
+    "A tacq_lite model" means: its tacq_lite.json is a valid manifest (`read_meta`) and every
+    file and folder inside is one that manifest lists, so replacing it deletes only what
+    `save_quantized` wrote. Anything else there (notes, code, a half-written model) is kept.
+    """
     folder = Path(folder)
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder.")
-    ours = (folder / META_FILE).is_file()
-    if any(folder.iterdir()) and not ours:
+        raise FileExistsError(f"{folder} exists and is not a folder; choose a new or empty folder.")
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    if not present:
+        return
+    if not (folder / META_FILE).is_file():
         raise FileExistsError(f"{folder} holds files that are not a tacq_lite model; choose an empty or new folder.")
-    if ours and not overwrite:
+    if not overwrite:
         raise FileExistsError(f"{folder} already holds a tacq_lite model; pass overwrite=True (CLI: --overwrite).")
+    try:
+        listed = set(read_meta(folder)["files"]) | {META_FILE}
+    except (ValueError, FileNotFoundError) as err:
+        raise FileExistsError(f"not replacing {folder}: its {META_FILE} is not a valid tacq_lite manifest ({err}); "
+                              "choose another folder.") from None
+    extra = [name for name in present if name not in listed]
+    if extra:
+        raise FileExistsError(f"not replacing {folder}: it holds {len(extra)} file(s) its {META_FILE} does not "
+                              f"list (first: {extra[0]}); move them out or choose another folder.")
 
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike, *, tokenizer=None, info: dict | None = None,
@@ -255,12 +280,15 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, tokenizer=Non
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT_NAME})
-        meta["files"] = {TENSOR_FILE: {"bytes": (tmp / TENSOR_FILE).stat().st_size, "sha256": _sha256(tmp / TENSOR_FILE)}}
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # Every file written, with its size and sha256: `load_quantized` verifies them and
+        # `check_save_target` replaces the folder only if it holds nothing else.
+        meta["files"] = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                         for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete folder
         umask = os.umask(0)
         os.umask(umask)
@@ -295,7 +323,32 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not supported by this "
                          f"tacq_lite (reads version {FORMAT_VERSION}); upgrade tacq_lite or re-save the model.")
+    files, layers = meta.get("files"), meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path} has no layer table; the saved model is damaged. Re-save it.")
+    if not isinstance(files, dict) or not isinstance(files.get(TENSOR_FILE), dict):
+        raise ValueError(f"{path} lists no checksummed {TENSOR_FILE}, so nothing can be verified; re-save the model.")
+    for name, spec in files.items():
+        if (not isinstance(spec, dict) or not isinstance(spec.get("bytes"), int) or not isinstance(spec.get("sha256"), str)
+                or Path(name).is_absolute() or ".." in Path(name).parts):
+            raise ValueError(f"{path}: the entry for {name!r} is not a file name with bytes and sha256; the saved "
+                             "model is damaged. Re-save it.")
     return meta
+
+
+def verify_files(folder: str | os.PathLike, meta: dict, *, checksums: bool = True) -> None:
+    """Raise ValueError unless every file the manifest lists is there with its size (and sha256)."""
+    folder = Path(folder)
+    for name, spec in meta["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; the saved model is incomplete. Re-save it.")
+        if f.stat().st_size != spec["bytes"]:
+            raise ValueError(f"{f} has {f.stat().st_size} bytes, {spec['bytes']} were written: the file is "
+                             "truncated or was replaced. Re-save the model.")
+        if checksums and _sha256(f) != spec["sha256"]:
+            raise ValueError(f"{f} does not match the sha256 recorded at save time: the file is corrupted. "
+                             "Re-save the model.")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -319,15 +372,7 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
     folder = Path(folder)
     meta = read_meta(folder)
     path = folder / TENSOR_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the saved model is incomplete.")
-    expected = meta.get("files", {}).get(TENSOR_FILE, {})
-    if expected.get("bytes") is not None and path.stat().st_size != expected["bytes"]:
-        raise ValueError(f"{path} has {path.stat().st_size} bytes, {expected['bytes']} were written: the file is "
-                         "truncated or was replaced. Re-save the model.")
-    if verify and expected.get("sha256") and _sha256(path) != expected["sha256"]:
-        raise ValueError(f"{path} does not match the sha256 recorded at save time: the file is corrupted. Re-save "
-                         "the model.")
+    verify_files(folder, meta, checksums=verify)
     try:
         tensors = load_file(str(path), device=str(device))
     except SafetensorError as err:

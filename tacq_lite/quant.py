@@ -25,6 +25,8 @@ def check_bits(bits: int) -> int:
 def check_weight(W: torch.Tensor, name: str = "W") -> None:
     if W.dim() != 2:
         raise ValueError(f"{name} must be a 2-D [rows, cols] matrix, got shape {tuple(W.shape)}.")
+    if W.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(W.shape)}); pass a matrix with at least one row and column.")
     if not W.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {W.dtype}.")
     if not torch.isfinite(W).all():
@@ -168,7 +170,7 @@ def _expand(p: torch.Tensor, cols: int) -> torch.Tensor:
 def _check_params(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
     if scale.shape != zero.shape or scale.dim() != 2:
         raise ValueError(f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} must share a 2-D shape.")
-    if scale.shape[0] not in (1, W.shape[0]) or W.shape[1] % scale.shape[1] != 0:
+    if scale.shape[0] not in (1, W.shape[0]) or scale.shape[1] == 0 or W.shape[1] % scale.shape[1] != 0:
         raise ValueError(f"scale shape {tuple(scale.shape)} does not fit a {tuple(W.shape)} matrix.")
 
 
@@ -177,6 +179,12 @@ def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: 
     check_bits(bits)
     check_weight(W)
     _check_params(W, scale, zero)
+    # find_params always returns scale > 0 (a constant-zero group gets the range [-1, 1]); a scale
+    # <= 0 or NaN/Inf would turn every code of its group into garbage. [rows|1, n_groups], cheap.
+    bad = int((~((scale > 0) & torch.isfinite(scale) & torch.isfinite(zero))).sum())
+    if bad:
+        raise ValueError(f"{bad} of {scale.numel()} groups have a scale <= 0 or a NaN/Inf scale or zero; fit the "
+                         "grid with find_params(W, bits=...).")
     cols = W.shape[1]
     q = torch.round(W.float() / _expand(scale, cols) + _expand(zero, cols))  # = round(W/s) + z for integer z
     return q.clamp_(0, 2**bits - 1).to(torch.uint8)

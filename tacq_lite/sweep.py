@@ -52,7 +52,7 @@ def parse_value(text: str):
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date-like string such as 2001-13-45
         return text
 
 
@@ -68,8 +68,10 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         name, values = (part.strip() for part in item.split("=", 1))
         sep = ";" if "[" in values else ","
         parsed = [parse_value(v.strip()) for v in values.split(sep) if v.strip()]
-        if not name or not parsed:
-            raise SweepError(f"grid item {item!r} has no name or no values.")
+        if not name:
+            raise SweepError(f"grid item {item!r} has no parameter name; write name=v1,v2 (e.g. bits=2,3).")
+        if not parsed:
+            raise SweepError(f"parameter {name!r} has no values in {item!r}; give at least one, e.g. {name}=v1,v2.")
         if name in grid:
             raise SweepError(f"parameter {name!r} appears twice in the grid; give all its values in one item.")
         grid[name] = parsed
@@ -77,14 +79,32 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def read_grid_file(path: str | os.PathLike) -> dict[str, list]:
+    """A YAML mapping of parameter names to lists of values ('bits: [2, 3]'); a lone value is a list of one."""
     import yaml
+
+    from .data import read_utf8
 
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"grid file {path} does not exist.")
-    raw = yaml.safe_load(path.read_text())
+        raise SweepError(f"grid file {path} does not exist; pass a YAML file such as one holding 'bits: [2, 3]'.")
+    try:
+        text = read_utf8(path)
+    except ValueError as err:  # not UTF-8; the message names the file
+        raise SweepError(f"grid file {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date-like value such as 2001-13-45
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err) or type(err).__name__
+        raise SweepError(f"grid file {path} is not valid YAML ({problem}{where}); fix it so it reads like "
+                         "'bits: [2, 3]'.") from None
     if not isinstance(raw, dict) or not raw:
-        raise SweepError(f"{path} must map parameter names to lists of values, e.g. 'bits: [2, 3]'.")
+        raise SweepError(f"grid file {path} must map parameter names to lists of values, e.g. 'bits: [2, 3]'.")
+    for name, values in raw.items():
+        if values is None or values == []:
+            raise SweepError(f"grid file {path}: parameter {name!r} has no values; give at least one, "
+                             f"e.g. '{name}: [v1, v2]'.")
     return {str(k): (v if isinstance(v, list) else [v]) for k, v in raw.items()}
 
 
@@ -104,6 +124,8 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict:
 def check_grid(grid: dict[str, list], notebook: str | os.PathLike) -> None:
     declared = notebook_parameters(notebook)
     for name in grid:
+        if not isinstance(grid[name], list) or not grid[name]:
+            raise SweepError(f"parameter {name!r} needs a non-empty list of values, got {grid[name]!r}.")
         if name not in KNOWN_PARAMETERS and name not in declared:
             import difflib
 

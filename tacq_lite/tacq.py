@@ -40,6 +40,7 @@ import contextlib
 import copy
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,15 +159,20 @@ def compute_importance(
     # (importance.GradientWorker), it starts now and works through the samples while this process
     # runs the first GPTQ pass on one thread; result() below then shares out what is left.
     want_g, job = needs & {"G", "G2"}, None
+    # Whether this setting uses the worker depends on the config and the thread count only, not
+    # on what the cache holds, so the same command always runs the first pass on the same number
+    # of threads; that number is in the Q(W) key, since GPTQ's rounding depends on it.
+    with_worker = bool(want_g) and config.parallel and importance.GradientWorker.usable(model)
+    shapes = cache_shapes(model)
     if want_g:
         gkey = {"kind": "gradients", **common, "samples": samples_fingerprint(samples), "calib": config.calib,
                 "n_samples": len(samples), "seed": config.seed,
                 "loss": "all" if isinstance(samples, torch.Tensor) else "answer"}
         gpath = _cache_path(config, "gradients", gkey)
-        got = (outliers.load_cache(gpath, gkey) if cache else None) or {}
+        got = (outliers.load_cache(gpath, gkey, shapes=shapes) if cache else None) or {}
         G, G2 = _part(got, "G"), _part(got, "G2")
         squares = "G2" in want_g or G2 is not None
-        if want_g - _present(G=G, G2=G2) and config.parallel and importance.GradientWorker.usable(model):
+        if want_g - _present(G=G, G2=G2) and with_worker:
             job = importance.GradientWorker(model, samples, squares=squares)
     try:
         t = time.perf_counter()
@@ -176,17 +182,18 @@ def compute_importance(
             # only decides what a kept weight stores (tests/test_gptq.py checks both give one result).
             key = {"kind": "qw", **common, "windows": samples_fingerprint(windows), "calib": config.calib,
                    "n_calib": len(windows), "seq_len": windows.shape[1], "seed": config.seed,
-                   "qw_method": config.qw_method, **{f: getattr(config, f) for f in
-                   ("bits", "groupsize", "sym", "mse", "blocksize", "percdamp", "actorder")}}
+                   "qw_method": config.qw_method, "threads": 1 if with_worker else torch.get_num_threads(),
+                   **{f: getattr(config, f) for f in
+                      ("bits", "groupsize", "sym", "mse", "blocksize", "percdamp", "actorder")}}
             path = _cache_path(config, "qw", key)
-            got = (outliers.load_cache(path, key) if cache else None) or {}
+            got = (outliers.load_cache(path, key, shapes=shapes) if cache else None) or {}
             E, H, Hinv = _part(got, "E"), _part(got, "H_diag"), _part(got, "Hinv_diag")
             have = _present(QW=E, H_diag=H, Hinv_diag=Hinv)
             meta["qw"] = "cache"
             if want - have:
                 meta["qw"] = "computed"
                 want_stats = bool(want & {"H_diag", "Hinv_diag"}) or H is not None
-                with importance.single_thread() if job else contextlib.nullcontext():
+                with importance.single_thread() if with_worker else contextlib.nullcontext():
                     E2, H2, Hinv2 = _first_pass(model, windows, config, want_qw="QW" in want or E is not None,
                                                 want_stats=want_stats, progress=progress)
                 E, H, Hinv = E2 or E, H2 or H, Hinv2 or Hinv
@@ -230,9 +237,20 @@ def _save(path: Path, tensors: dict, key: dict, log) -> str | None:
         outliers.save_cache(path, tensors, key)
         log(f"score cache: wrote {path}")
         return str(path)
-    except OSError as err:  # a full or read-only disk must not stop the run
-        log(f"score cache: could not write {path}: {err}")
+    except OSError as err:  # a full or read-only disk must not stop the run: warn and go on
+        warnings.warn(f"score cache: could not write {path} ({err}); the run goes on without caching.",
+                      outliers.CacheWarning, stacklevel=2)
         return None
+
+
+def cache_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{cache tensor name: shape} for this model: what a score cache file for it may hold."""
+    shapes = {}
+    for n, lin in walk.named_linears(model).items():
+        rows, cols = lin.weight.shape
+        shapes.update({f"{p}/{n}": (rows, cols) for p in ("G", "G2", "E")})
+        shapes.update({f"{p}/{n}": (cols,) for p in ("H_diag", "Hinv_diag")})
+    return shapes
 
 
 def build_masks(inputs: ImportanceInputs, *, selector: str, ratio: float, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import shared_data_dir
+from .data import read_utf8, shared_data_dir
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_SPLITS = ("dev", "val", "test")
@@ -191,19 +191,18 @@ def gsm8k_prompt(question: str, shots: list[GSM8KItem]) -> str:
 
 def _read_jsonl(path: str | Path, fields: tuple[str, ...]):
     """Yield (line number, record) for non-blank lines, checking the required string fields."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from err
-            missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}, line {line_no}: missing string field(s) {missing}; "
-                                 f"each line needs {list(fields)}.")
-            yield line_no, record
+    for line_no, line in enumerate(read_utf8(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from err
+        missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}, line {line_no}: missing string field(s) {missing}; "
+                             f"each line needs {list(fields)}.")
+        yield line_no, record
 
 
 def read_pairs_jsonl(path: str | Path) -> list[TaskSample]:

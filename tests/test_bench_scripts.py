@@ -120,3 +120,31 @@ def test_quality_bench_paper_tables_from_records():
     assert "| tacq / gptq | 3 | -1 | 0.35% | 0 | 0.951 [0.951, 0.951] | a lower |" in paired
     assert "| tacq / tacq (original) | 3 | -1 | 0.35% | 1 | 1.000 [1.000, 1.000] | not distinguishable |" in paired
     assert "| tacq / tacq (original) | 3 | -1 | 0.35% | 0 | 1.000 [1.000, 1.000] | b lower |" in paired
+
+
+def test_quality_bench_task_tables_give_intervals_and_paired_differences():
+    """paper-tasks: each metric with its interval over items, and TaCQ − GPTQ on the same items."""
+    bench = load("bench_quality")
+
+    def record(method, calib, right_every, nll_shift):
+        n = 40
+        right = [i % right_every == 0 for i in range(n)]  # accuracy 1 / right_every
+        nll = [1.0 + 0.1 * (i % 5) + nll_shift for i in range(n)]
+        windows = [3.0 + 0.1 * (i % 7) + nll_shift for i in range(64)]
+        m = {"wikitext2": dict(ppl=2.718 ** (sum(windows) / 64), ppl_low=1.0, ppl_high=100.0, n_tokens=64 * 511,
+                               n_windows=64, window_nll=windows),
+             "mmlu": dict(n=n, item_right=right, item_nll=nll), "gsm8k": dict(n=n, item_nll=nll),
+             "synthetic": dict(n=n, item_right=right, item_nll=nll)}
+        return {"config": dict(method=method, calib=calib), "metrics": m, "seconds_total": 1.0}
+
+    recs = [record("gptq", "wikitext2", 4, 0.0), record("tacq", "gsm8k", 4, -0.2), record("tacq", "mmlu", 4, 0.0)]
+    table = bench.paper_task_table(recs)
+    assert "| tacq (gsm8k calibration) |" in table and "0.250 [" in table
+    assert "MMLU 40 questions; GSM8K 40 test solutions" in table
+    paired = bench.paper_task_paired(recs)
+    # gsm8k calibration lies 0.2 nats below on every item: a difference with no spread, marked
+    assert "| tacq (gsm8k calibration) | 0.819 [0.819, 0.819] * | +0.000 [+0.000, +0.000] | -0.200 [-0.200, -0.200] *" \
+        in paired
+    # identical items: no difference, not marked
+    assert "| tacq (mmlu calibration) | 1.000 [1.000, 1.000] | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" \
+        in paired

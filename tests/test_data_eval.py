@@ -60,6 +60,29 @@ def test_bad_sources(tmp_path, monkeypatch):
         data.calibration_windows(tok, str(short), n=1, seq_len=64)
 
 
+def test_non_utf8_text_and_jsonl_name_the_file(tmp_path):
+    from tacq_lite import tasks
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\xe9 ".encode("latin-1") * 3000)  # the bad byte first, the file longer than one read chunk
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"):
+        data.eval_tokens(CharTok(), str(text), seq_len=8)
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"a" * 10000 + b"\xff")
+    with pytest.raises(ValueError, match=r"late\.txt is not UTF-8 text \(byte 0xff at offset 10000\)"):
+        data.calibration_windows(CharTok(), str(late), n=1, seq_len=8)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"prompt": "p", "answer": "a"}\n{"prompt": "\xe9", "answer": "a"}\n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl is not UTF-8 text \(byte 0xe9 at offset 43\)"):
+        tasks.calibration_pairs(str(pairs), n=1)
+    pairs.write_text('{"prompt": "p", "answer": "a"}\n\n{"prompt": "p", "answer": \n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl, line 3: not valid JSON"):
+        tasks.calibration_pairs(str(pairs), n=1)
+    pairs.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p\u2028q"}\n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl, line 2: missing string field\(s\) \['answer'\]"):
+        tasks.calibration_pairs(str(pairs), n=1)
+
+
 def test_no_wikitext_source_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TACQ_LITE_DATA", str(tmp_path / "nowhere"))
     data._wikitext2_halves.cache_clear()

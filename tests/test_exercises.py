@@ -159,3 +159,21 @@ def test_student_copy_runs_and_shows_the_checker_message(tmp_path):
     assert len(errors) == 1 and errors[0].ename == "ExerciseError" and "not written yet" in errors[0].evalue
     assert nb.cells[-1].execution_count is not None  # the cells after the failing check still ran
     assert cli.main(["student", str(src), "--out", str(src.parent)]) == 2  # never overwrite the solutions
+
+
+def test_student_copies_never_overwrite_without_asking(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _exercise_notebook(src / "09_demo.ipynb")
+    _exercise_notebook(src / "10_more.ipynb")
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "10_more.ipynb").write_text("the student's own work")
+    notebooks = sorted(src.glob("*.ipynb"))
+    with pytest.raises(FileExistsError, match=r"10_more\.ipynb already exists; pass --overwrite to replace it"):
+        ex.make_student_copies(notebooks, out)
+    assert (out / "10_more.ipynb").read_text() == "the student's own work"
+    assert not (out / "09_demo.ipynb").exists()  # refused before writing anything
+    assert ex.make_student_copies(notebooks, out, overwrite=True) == {"09_demo.ipynb": 1, "10_more.ipynb": 1}
+    assert "NotImplementedError" in nbformat.read(out / "10_more.ipynb", 4).cells[1].source
+    assert sorted(p.name for p in out.iterdir()) == ["09_demo.ipynb", "10_more.ipynb"]  # no temporary files left

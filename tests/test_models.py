@@ -40,7 +40,7 @@ def test_embedded_model_is_a_float_llama(embedded):
     assert "Paris" in tok.decode([nxt])
 
 
-def test_cached_load_equals_gguf_load(embedded, tmp_path, monkeypatch):
+def test_cached_load_equals_gguf_load(embedded, tmp_path, monkeypatch, capsys):
     """The safetensors cache must hold exactly what the GGUF dequantizes to."""
     model, _ = embedded
     monkeypatch.setenv("TACQ_LITE_CACHE", str(tmp_path))
@@ -50,6 +50,19 @@ def test_cached_load_equals_gguf_load(embedded, tmp_path, monkeypatch):
     for (n, p), (_, q), (_, r) in zip(model.named_parameters(), fresh.named_parameters(), cached.named_parameters()):
         assert torch.equal(p, q) and torch.equal(q, r), n
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary folder left behind
+    # A damaged copy (one flipped byte, same size) is named, never used, and rebuilt from the GGUF;
+    # a file the user put there stays.
+    folder = tmp_path / f"smollm2-135m-instruct-v{models.CACHE_FORMAT}"
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (tmp_path / "mine.txt").write_text("mine")
+    rebuilt, _ = models.load_model()
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().out
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(model.named_parameters(), rebuilt.named_parameters()))
+    assert models._cache_problem(folder, models.embedded_gguf_path()) is None
+    assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
 def test_q4_1_grid_is_lossless_at_4bit_group32(embedded):

@@ -85,6 +85,15 @@ def test_select_columns_takes_whole_columns_globally():
     assert sum(int(m.sum()) for m in masks.values()) == 8
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_select_columns_refuses_bad_scores_and_names_the_linear(bad):
+    shapes = {"model.layers.0.mlp.up_proj": (4, 5), "model.layers.0.mlp.down_proj": (5, 4)}
+    cols = {"model.layers.0.mlp.up_proj": torch.tensor([0.1, 3.0, 0.2, 1.0, 0.0]),
+            "model.layers.0.mlp.down_proj": torch.tensor([2.0, bad, 0.0, 0.0])}
+    with pytest.raises(ValueError, match=r"scores of model\.layers\.0\.mlp\.down_proj must be finite and >= 0"):
+        select_columns(cols, shapes=shapes, ratio=0.2)
+
+
 def test_mask_report_counts():
     masks = {"model.layers.0.self_attn.q_proj": torch.eye(3, dtype=torch.bool),
              "model.layers.1.self_attn.q_proj": torch.zeros(3, 3, dtype=torch.bool),

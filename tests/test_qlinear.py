@@ -75,6 +75,24 @@ def test_off_grid_weights_are_refused():
         QuantLinear.from_linear(lin, scale=scale, zero=zero, bits=3, mask=mask.float())
 
 
+def test_forward_refuses_inputs_of_the_wrong_width():
+    lin, scale, zero, mask, _ = _fake_quant_linear(rows=8, cols=576, bits=3)
+    q = QuantLinear.from_linear(lin, scale=scale, zero=zero, bits=3, mask=mask)
+    assert q(torch.randn(2, 576)).shape == (2, 8)
+    for width in (571, 575, 577, 580):  # 3-bit codes pack 10 per word: these all fit the packed buffer
+        with pytest.raises(ValueError, match=f"input has {width} features .* in_features=576"):
+            q(torch.randn(2, width))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_features_are_refused():
+    for in_f, out_f in ((0, 8), (8, 0), (0, 0)):
+        with pytest.raises(ValueError, match="at least one input and one output feature"):
+            QuantLinear(in_f, out_f, bits=3)
+    with pytest.raises(ValueError, match="linear.weight is empty"):
+        QuantLinear.from_linear(nn.Linear(0, 8), scale=torch.ones(8, 1), zero=torch.zeros(8, 1), bits=3)
+
+
 # ---------------------------------------------------------------- whole models
 
 

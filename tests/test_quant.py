@@ -123,6 +123,35 @@ def test_non_finite_weight(bad):
         quant.quantize_dequantize(W, bits=4)
 
 
+@pytest.mark.parametrize("bad_scale, bad_zero", [(0.0, 1.0), (-0.1, 1.0), (float("nan"), 1.0), (float("inf"), 1.0),
+                                                 (0.1, float("nan")), (0.1, float("inf"))])
+def test_bad_grid_is_refused(bad_scale, bad_zero):
+    W = _w()
+    scale, zero = quant.find_params(W, bits=4, groupsize=16)  # [16, 4]
+    scale[2, 1], zero[2, 1] = bad_scale, bad_zero
+    with pytest.raises(ValueError, match="1 of 64 groups have a scale <= 0 or a NaN/Inf scale or zero; fit"):
+        quant.quantize(W, scale, zero, bits=4)
+
+
+def test_grids_find_params_returns_are_accepted():
+    W = _w()
+    W[0] = 0  # an all-zero row gets the range [-1, 1], never a zero scale
+    W[1] = 1e-30
+    for sym in (False, True):
+        for mse in (False, True):
+            scale, zero = quant.find_params(W, bits=3, sym=sym, mse=mse)
+            assert (scale > 0).all()
+            quant.quantize(W, scale, zero, bits=3)
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (16, 0), (0, 0)])
+def test_empty_weight_is_refused(shape):
+    with pytest.raises(ValueError, match="W is empty"):
+        quant.find_params(torch.empty(shape), bits=4)
+    with pytest.raises(ValueError, match="W is empty"):
+        quant.quantize(torch.empty(shape), torch.ones(1, 1), torch.zeros(1, 1), bits=4)
+
+
 def test_bad_mask():
     W = _w()
     with pytest.raises(TypeError, match="bool"):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tacq_lite import scores
+from tacq_lite import outliers, scores
 
 W = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 4.0, 0.0]])  # [rows=2, cols=3]
 QW = torch.tensor([[1.5, -2.0, 0.0], [-2.0, 3.5, 0.25]])  # error QW − W: [[.5, 0, -.5], [1, -.5, .25]]
@@ -75,3 +75,19 @@ def test_bad_calls():
         scores.score("gradient", W=W, G=G[:, :2])
     with pytest.raises(ValueError, match="shape"):
         scores.score("activation", W=W, H_diag=H_diag[:2])
+
+
+@pytest.mark.parametrize("name", [n for n in scores.SELECTORS if n != "random"])
+def test_a_nan_score_never_reaches_a_mask(name):
+    # A NaN in any input (e.g. a diverged backward pass) makes a NaN score; the selection step
+    # of every selector, weight-wise or column-wise, refuses it and names the linear.
+    bad = {k: v.clone() for k, v in ALL.items()}
+    for v in bad.values():
+        v.view(-1)[0] = float("nan")
+    linear = "model.layers.0.mlp.up_proj"
+    s = {linear: scores.score(name, **bad), "model.layers.0.mlp.down_proj": scores.score(name, **ALL)}
+    with pytest.raises(ValueError, match=r"scores of model\.layers\.0\.mlp\.up_proj must be finite"):
+        if scores.SELECTORS[name].columns:
+            outliers.select_columns({n: v[0] for n, v in s.items()}, shapes={n: (2, 3) for n in s}, ratio=0.3)
+        else:
+            outliers.select_topk(s, ratio=0.3)

@@ -31,6 +31,34 @@ def test_parse_grid_reads_yaml_scalars():
         sweep.parse_grid(["bits=2", "bits=3"])
 
 
+def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
+    grid = tmp_path / "bad.yaml"
+    grid.write_text("bits: [2, 3\n")
+    assert cli.main(["sweep", "--grid", str(grid), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tacq-lite: error: grid file") and "bad.yaml is not valid YAML" in err and "line 2" in err
+    cases = {"- 2\n- 3\n": "must map parameter names", "bits: 2001-13-45\n": "not valid YAML",
+             "bits: [2]\n# \xe9t\xe9\n": r"not UTF-8 text \(byte 0xe9 at offset 12\)"}
+    for text, phrase in cases.items():
+        grid.write_bytes(text.encode("latin-1"))
+        with pytest.raises(sweep.SweepError, match=phrase):
+            sweep.read_grid_file(grid)
+    with pytest.raises(sweep.SweepError, match="missing.yaml does not exist"):
+        sweep.read_grid_file(tmp_path / "missing.yaml")
+
+
+def test_empty_value_lists_are_rejected(tiny_notebook, tmp_path):
+    with pytest.raises(sweep.SweepError, match="parameter 'bits' has no values"):
+        sweep.parse_grid(["bits="])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("ratio: [0.5]\nbits: []\n")
+    with pytest.raises(sweep.SweepError, match="grid.yaml: parameter 'bits' has no values"):
+        sweep.read_grid_file(grid)
+    with pytest.raises(sweep.SweepError, match="'bits' needs a non-empty list"):
+        sweep.run_sweep({"bits": []}, out_dir=tmp_path / "o", notebook=tiny_notebook)
+    assert not (tmp_path / "o").exists()
+
+
 def test_grid_names_are_checked(tiny_notebook, tmp_path):
     with pytest.raises(sweep.SweepError, match="unknown parameter 'bitz'.*Did you mean 'bits'"):
         sweep.run_sweep({"bitz": [2]}, out_dir=tmp_path / "o", notebook=tiny_notebook)
