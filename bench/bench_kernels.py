@@ -153,8 +153,7 @@ def bench_model(bits: int, groupsize: int, reps: int) -> None:
 
     model, tok = load_model()
     packed = copy.deepcopy(model)
-    grids: dict = {}
-    rtn_quantize(packed, QuantConfig(method="rtn", bits=bits, groupsize=groupsize, mse=False), grids_out=grids)
+    grids = rtn_quantize(packed, QuantConfig(method="rtn", bits=bits, groupsize=groupsize, mse=False)).grids
     gen = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(m.weight.shape, generator=gen) < KEPT_FRAC for n, m in walk.named_linears(packed).items()}
     convert_model(packed, grids, bits=bits, groupsize=groupsize, masks=masks)

@@ -19,7 +19,7 @@ channel unless stated) evaluated on 64 windows x 512 tokens of WikiText-2's seco
 rows name their seed; `--summary` adds a table with one line per configuration: the mean over
 seeds, the spread (min-max), and each seed's perplexity with its interval.
 
-Each row is one `tacq-lite quantize` run (tacq_lite.cli.run_quantize) in a fresh process, so
+Each row is one `tacq-lite quantize` run (tacq_lite.experiment.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def run_one(cfg: dict, common: dict, out: Path, evals: dict | None = None) -> di
     if out.is_file():
         return json.loads(out.read_text())
     code = (
-        "import json, sys; from tacq_lite.config import QuantConfig; from tacq_lite.cli import run_quantize;"
+        "import json, sys; from tacq_lite.config import QuantConfig; from tacq_lite.experiment import run_quantize;"
         "from tacq_lite.records import write_json_atomic;"
         "c = QuantConfig(**json.loads(sys.argv[1])); write_json_atomic(sys.argv[2], run_quantize(c, progress=False))"
     )

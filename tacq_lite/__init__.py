@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 __all__ = ["QuantConfig", "load_model", "tiny_llama", "quantize_model", "__version__"]
 
 
-def __getattr__(name):  # keep `import tacq_lite` light: the pipeline pulls in GPTQ and friends lazily
+def __getattr__(name):  # keep `import tacq_lite` light: quantize_model pulls in GPTQ and friends lazily
     if name == "quantize_model":
-        from .pipeline import quantize_model
+        from .experiment import quantize_model
 
         return quantize_model
     raise AttributeError(name)

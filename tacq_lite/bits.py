@@ -28,7 +28,7 @@ def average_bits(
     *,
     bits: int,
     groupsize: int = -1,
-    kept: Mapping[str, int] | None = None,
+    n_kept: Mapping[str, int] | None = None,
     scale_bits: int = 16,  # fp16 scales
     zero_bits: int = 16,  # fp16 zeros (an integer value stored in fp16)
     value_bits: int = 16,  # kept weight value, fp16
@@ -38,22 +38,22 @@ def average_bits(
     """Average bits per weight over linears {name: (rows, cols)} with {name: kept count}."""
     if bits <= 0 or bits > 16:
         raise ValueError(f"bits must be in 1..16, got {bits}.")
-    kept = kept or {}
-    unknown = set(kept) - set(shapes)
+    n_kept = n_kept or {}
+    unknown = set(n_kept) - set(shapes)
     if unknown:
         raise KeyError(f"kept counts for unknown linears: {sorted(unknown)[:3]}")
-    total, n_weights, n_kept = 0.0, 0, 0
+    total, n_weights, total_kept = 0.0, 0, 0
     for name, (rows, cols) in shapes.items():
         gs = cols if groupsize == -1 else groupsize
         if cols % gs:
             raise ValueError(f"{name}: groupsize {groupsize} does not divide {cols} columns.")
         n = rows * cols
-        k = int(kept.get(name, 0))
+        k = int(n_kept.get(name, 0))
         if not 0 <= k <= n:
             raise ValueError(f"{name}: kept count {k} outside [0, {n}].")
         total += n * (bits + (scale_bits + zero_bits) / gs) + k * (value_bits + index_bits)
         n_weights += n
-        n_kept += k
+        total_kept += k
     if n_weights == 0:
         raise ValueError("no linears to account for.")
-    return BitsReport(total / n_weights, n_weights, n_kept, total, other_params)
+    return BitsReport(total / n_weights, n_weights, total_kept, total, other_params)

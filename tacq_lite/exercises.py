@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import pack, quant
+from . import pack, quant, scores
 
 
 class ExerciseError(AssertionError):
@@ -55,10 +55,6 @@ def _ok(message: str) -> None:
 # --------------------------------------------------------------------------- RTN (notebook 01)
 
 
-def rtn_params_reference(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant.find_params(W, bits=bits)  # per row, asymmetric, min/max, integer zero
-
-
 def check_rtn_params(fn) -> None:
     """fn(W [rows, cols], bits) -> (scale [rows, 1], zero [rows, 1]) of asymmetric min/max RTN."""
     gen = torch.Generator().manual_seed(1)
@@ -73,7 +69,7 @@ def check_rtn_params(fn) -> None:
         hint = "one value per output row; reduce over dim=1 with keepdim=True."
         scale = _tensor(out[0], "scale", (6, 1), hint).double()
         zero = _tensor(out[1], "zero", (6, 1), hint).double()
-        ref_s, ref_z = (t.double() for t in rtn_params_reference(W, bits))
+        ref_s, ref_z = (t.double() for t in quant.find_params(W, bits=bits))  # per row, asymmetric, min/max
         lo = W.min(1, keepdim=True).values.double()
         hi = W.max(1, keepdim=True).values.double()
         maxq = 2**bits - 1
@@ -107,16 +103,16 @@ def check_rtn_params(fn) -> None:
 # --------------------------------------------------------------------------- GPTQ (notebook 02)
 
 
-def gptq_update_reference(W: torch.Tensor, Hinv: torch.Tensor, j: int, q: torch.Tensor) -> torch.Tensor:
-    """W after column j is set to q and its error is spread over the later columns (OBS update).
-
-    Hinv: the upper Cholesky factor of H⁻¹ (as GPTQ uses it); err = (W[:, j] − q) / Hinv[j, j].
-    """
-    W = W.clone()
-    err = (W[:, j] - q) / Hinv[j, j]  # [rows]
-    W[:, j] = q
-    W[:, j + 1:] -= err[:, None] * Hinv[j, j + 1:][None, :]
-    return W
+def _obs_step(W: torch.Tensor, H: torch.Tensor, j: int, q: torch.Tensor) -> torch.Tensor:
+    """The optimal-brain-surgeon step from H itself: with F = columns j.. still free and
+    Finv = (H_FF)⁻¹, fixing w_j to q moves the free columns by −(w_j − q) · Finv[0, 1:] / Finv[0, 0]
+    (Frantar et al. 2022, eq. 3). GPTQ reads the same ratio off a row of the Cholesky factor of
+    H⁻¹; deriving it here from H checks the learner's Cholesky form against independent math."""
+    Finv = torch.linalg.inv(H[j:, j:])  # [cols − j, cols − j]
+    out = W.clone()
+    out[:, j + 1:] -= ((W[:, j] - q) / Finv[0, 0])[:, None] * Finv[0, 1:][None, :]
+    out[:, j] = q
+    return out
 
 
 def _gptq_case(seed: int = 2):
@@ -126,17 +122,17 @@ def _gptq_case(seed: int = 2):
     H = 2 * X.T @ X / 64 + 0.01 * torch.eye(cols, dtype=torch.float64)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     W = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
-    return W, Hinv
+    return W, H, Hinv
 
 
 def check_gptq_update(fn) -> None:
     """fn(W [rows, cols], Hinv [cols, cols] upper Cholesky of H⁻¹, j, q [rows]) -> new W [rows, cols]."""
-    W, Hinv = _gptq_case()
+    W, H, Hinv = _gptq_case()
     for j in (0, 3):
         q = torch.round(W[:, j] * 2) / 2  # a coarse grid
         out = _call(fn, "your function", W.clone(), Hinv.clone(), j, q.clone())
         got = _tensor(out, "the returned W", tuple(W.shape), "return the whole updated matrix.").double()
-        ref = gptq_update_reference(W, Hinv, j, q)
+        ref = _obs_step(W, H, j, q)
         if _close(got, ref, 1e-8):
             continue
         err = (W[:, j] - q) / Hinv[j, j]
@@ -177,10 +173,6 @@ def check_gptq_update(fn) -> None:
 # --------------------------------------------------------------------------- TaCQ score (notebook 03)
 
 
-def tacq_score_reference(W: torch.Tensor, G: torch.Tensor, QW: torch.Tensor) -> torch.Tensor:
-    return W.abs() * G.abs() * (QW - W).abs()
-
-
 def check_tacq_score(fn) -> None:
     """fn(W, G, QW) -> |W| · |G| · |Q(W) − W|, same shape as W."""
     gen = torch.Generator().manual_seed(3)
@@ -189,7 +181,7 @@ def check_tacq_score(fn) -> None:
     QW = W + 0.1 * torch.randn(4, 6, generator=gen)
     out = _call(fn, "your function", W.clone(), G.clone(), QW.clone())
     got = _tensor(out, "the score", tuple(W.shape), "one score per weight, no reduction.")
-    ref = tacq_score_reference(W, G, QW)
+    ref = scores.score("tacq", W=W, G=G, QW=QW)
     if _close(got, ref):
         _ok("the TaCQ score |W| · |G| · |Q(W) − W| matches tacq_lite.scores.")
         return

@@ -90,9 +90,13 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, *, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                    groupsize: int = -1, mask: torch.Tensor | None = None, backend: str = "auto") -> "QuantLinear":
+                    groupsize: int = -1, mask: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+                    backend: str = "auto") -> "QuantLinear":
         """Pack a fake-quantized linear: its weight must lie on the grid (scale, zero) except
-        where `mask` is True (those weights are stored as W holds them, in fp16)."""
+        where `mask` is True (those weights are stored as W holds them, in fp16).
+
+        codes: uint8 [out, in], the codes the quantizer chose (GPTQ's, RTN's); packed as given after
+        a check that they reproduce W off the mask. None: derived from W and the grid."""
         W = linear.weight.detach().float()  # [out, in]
         out_f, in_f = W.shape
         if W.numel() == 0:
@@ -102,7 +106,10 @@ class QuantLinear(nn.Module):
         if scale.shape != (out_f, in_f // gs) or zero.shape != scale.shape:
             raise ValueError(f"scale/zero shapes {tuple(scale.shape)}/{tuple(zero.shape)} do not fit a "
                              f"[{out_f}, {in_f}] weight with groupsize={groupsize}; expected [{out_f}, {in_f // gs}].")
-        codes = quantize(W, scale.float(), zero.float(), bits=bits)  # [out, in], recovers the codes of W_hat
+        if codes is None:
+            codes = quantize(W, scale.float(), zero.float(), bits=bits)  # [out, in], recovers the codes of W_hat
+        elif codes.dtype != torch.uint8 or codes.shape != W.shape:
+            raise ValueError(f"codes must be uint8 {tuple(W.shape)}, got {codes.dtype} {tuple(codes.shape)}.")
         off_grid = (dequantize(codes, scale.float(), zero.float()) - W).abs() \
             > 1e-4 * W.abs().max().clamp_min(1e-12)  # [out, in]
         if mask is not None:
@@ -163,21 +170,22 @@ class QuantLinear(nn.Module):
 
 def convert_model(model: nn.Module, grids: dict[str, tuple[torch.Tensor, torch.Tensor]], *, bits: int,
                   groupsize: int = -1, masks: dict[str, torch.Tensor] | None = None,
-                  backend: str = "auto") -> nn.Module:
+                  codes: dict[str, torch.Tensor] | None = None, backend: str = "auto") -> nn.Module:
     """Swap every targeted linear of a fake-quantized model for a QuantLinear, in place.
 
-    grids: {linear: (scale, zero)} as `QuantizeResult.grids`; masks: {linear: bool mask} (TaCQ).
+    grids: {linear: (scale, zero)} as `QuantizeResult.grids`; masks: {linear: bool mask} (TaCQ);
+    codes: {linear: uint8 codes} as `QuantizeResult.codes` (None: derived from the weights).
     """
     linears = walk.named_linears(model)
     missing = sorted(set(linears) - set(grids))
     if missing:
         raise KeyError(f"no grid for {len(missing)} linears (first: {missing[0]}); pass QuantizeResult.grids "
                        "of the run that quantized this model.")
-    masks = masks or {}
+    masks, codes = masks or {}, codes or {}
     for name, linear in linears.items():
         scale, zero = grids[name]
         q = QuantLinear.from_linear(linear, scale=scale, zero=zero, bits=bits, groupsize=groupsize,
-                                    mask=masks.get(name), backend=backend)
+                                    mask=masks.get(name), codes=codes.get(name), backend=backend)
         walk.set_module(model, name, q)
     return model
 

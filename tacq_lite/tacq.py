@@ -110,13 +110,17 @@ def _flat(**parts) -> dict[str, torch.Tensor]:
 
 def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, progress: bool):
     """Step 1 on deep copies: ({linear: Q(W) − W}, {linear: H_diag}, {linear: Hinv_diag})."""
-    E, stats = {}, {}
+    E, H, Hinv = {}, None, None
     use_gptq_for_qw = want_qw and config.qw_method == "gptq"
     if use_gptq_for_qw or want_stats:
         twin = copy.deepcopy(model)
-        pipeline.gptq_quantize(twin, windows, config, stats_out=stats, progress=progress)
+        first = pipeline.gptq_quantize(twin, windows, config, progress=progress)
         if use_gptq_for_qw:
             E = _errors(model, twin)
+        # The Hessian diagonals come free with the pass: keep them, so the cache serves the
+        # hessian / activation / owq_columns selectors later.
+        H = {n: d.float().cpu() for n, d in first.H_diag.items()}
+        Hinv = {n: d.float().cpu() for n, d in first.Hinv_diag.items()}
         del twin
     if want_qw and config.qw_method == "rtn":
         twin = copy.deepcopy(model)
@@ -124,8 +128,6 @@ def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, prog
         E = _errors(model, twin)
     elif want_qw and config.qw_method != "gptq":
         raise ValueError(f"qw_method={config.qw_method!r} is unknown; choose 'gptq' or 'rtn'.")
-    H = {n: s["H_diag"].float().cpu() for n, s in stats.items()} or None
-    Hinv = {n: s["Hinv_diag"].float().cpu() for n, s in stats.items()} or None
     return (E or None), H, Hinv
 
 
@@ -159,10 +161,11 @@ def compute_importance(
     # (importance.GradientWorker), it starts now and works through the samples while this process
     # runs the first GPTQ pass on one thread; result() below then shares out what is left.
     want_g, job = needs & {"G", "G2"}, None
-    # Whether this setting uses the worker depends on the config and the thread count only, not
-    # on what the cache holds, so the same command always runs the first pass on the same number
-    # of threads; that number is in the Q(W) key, since GPTQ's rounding depends on it.
-    with_worker = bool(want_g) and config.parallel and importance.GradientWorker.usable(model)
+    # Whether the first pass runs on one thread (beside a worker) depends on the config and the
+    # thread count only, not on the selector or on what the cache holds: the same command always
+    # rounds the same way, and every selector shares one cached Q(W). That thread count is in the
+    # Q(W) key, since GPTQ's rounding depends on it.
+    with_worker = config.parallel and importance.GradientWorker.usable(model)
     shapes = cache_shapes(model)
     if want_g:
         gkey = {"kind": "gradients", **common, "samples": samples_fingerprint(samples), "calib": config.calib,
@@ -271,28 +274,37 @@ def build_masks(inputs: ImportanceInputs, *, selector: str, ratio: float, seed: 
     return {n: m.to(inputs.W[n].device) for n, m in masks.items()}
 
 
-def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, result, *, samples=None,
-                  progress: bool = True, cache: bool = True) -> dict:
-    """Steps 1-5 in place on `model`; fills result.masks/kept/layer_loss/seconds, returns info."""
+class TacqResult(NamedTuple):
+    """What a TaCQ run leaves besides the quantized model, per targeted linear."""
+
+    masks: dict[str, torch.Tensor]  # bool [rows, cols], True = kept in 16-bit ({} when ratio = 0)
+    n_kept: dict[str, int]  # kept weights
+    layer_loss: dict[str, float]  # GPTQ's objective in the masked pass
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (scale, zero) of the masked pass, fp32 [rows, n_groups]
+    codes: dict[str, torch.Tensor]  # uint8 [rows, cols] of the masked pass
+    seconds: dict[str, float]  # qw, gradients, score, gptq
+    info: dict  # selector, ratio, k, cache hits, backward passes, seconds per sample
+
+
+def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, samples=None,
+                  progress: bool = True, cache: bool = True) -> TacqResult:
+    """Steps 1-5 on `model`, in place; returns the masks and what each step measured."""
     scores.get_selector(config.selector)  # a typo fails before any long work
     names = list(walk.named_linears(model))
-    info = {"selector": config.selector, "ratio": config.ratio}
+    seconds = {"score": 0.0}
     if config.ratio == 0:  # nothing to keep: plain GPTQ
         masks, inputs_meta = {}, {"seconds": {"qw": 0.0, "gradients": 0.0}}
-        result.seconds["score"] = 0.0
     else:
         inputs = compute_importance(model, windows, config, samples=samples, progress=progress, cache=cache)
         t = time.perf_counter()
         masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
-        result.seconds["score"] = time.perf_counter() - t
+        seconds["score"] = time.perf_counter() - t
         inputs_meta = inputs.meta
         del inputs  # W, G and Q(W) copies are not needed by the final pass
-    result.seconds.update(inputs_meta["seconds"])
+    seconds.update(inputs_meta["seconds"])
     t = time.perf_counter()
-    result.layer_loss = pipeline.gptq_quantize(model, windows, config, masks=masks, grids_out=result.grids,
-                                               progress=progress)
-    result.seconds["gptq"] = time.perf_counter() - t
-    result.masks = masks
-    result.kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}
-    info.update(inputs_meta, k=sum(result.kept.values()))
-    return info
+    final = pipeline.gptq_quantize(model, windows, config, masks=masks, progress=progress)
+    seconds["gptq"] = time.perf_counter() - t
+    n_kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}
+    info = {"selector": config.selector, "ratio": config.ratio, **inputs_meta, "k": sum(n_kept.values())}
+    return TacqResult(masks, n_kept, final.loss, final.grids, final.codes, seconds, info)

@@ -213,7 +213,7 @@ def read_pairs_jsonl(path: str | Path) -> list[TaskSample]:
     return pairs
 
 
-def _mmlu_pairs(n: int, rng: random.Random) -> list[TaskSample]:
+def mmlu_pairs(n: int, rng: random.Random) -> list[TaskSample]:
     # Questions come from dev + val of every subject, never from test. MMLU repeats 42
     # dev/val question texts in test, so test is read only to drop those (no leak).
     # Prompts are zero-shot to keep calibration sequences short (one backward each).
@@ -224,43 +224,7 @@ def _mmlu_pairs(n: int, rng: random.Random) -> list[TaskSample]:
     return [TaskSample(mmlu_prompt(s, item, []), f" {item.answer}") for s, item in picked]
 
 
-def _gsm8k_pairs(n: int, rng: random.Random) -> list[TaskSample]:
+def gsm8k_pairs(n: int, rng: random.Random) -> list[TaskSample]:
     train = load_gsm8k("train")
     picked = rng.sample(train, min(n, len(train)))
     return [TaskSample(gsm8k_prompt(item.question, []), " " + clean_solution(item.answer)) for item in picked]
-
-
-def calibration_pairs(name: str, *, n: int, seed: int = 0) -> list[TaskSample]:
-    """n (prompt, answer) pairs from the task's calibration split, drawn with `seed`.
-
-    name: "mmlu" (dev+val questions, answer " X"), "gsm8k" (train question -> solution),
-    "synthetic:<task>" (the generator's calibration seed, disjoint from its eval items),
-    "synthetic" (the calibration items of every synthetic task, mixed), or
-    a path to a JSONL file with "prompt" and "answer" fields.
-    """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}.")
-    rng = random.Random(seed)
-    if name == "mmlu":
-        return _mmlu_pairs(n, rng)
-    if name == "gsm8k":
-        return _gsm8k_pairs(n, rng)
-    if name == "synthetic":  # every synthetic task's calibration items, mixed
-        from tacq_lite.synthetic import TASKS, synthetic_samples
-
-        pairs = [p for t in TASKS for p in synthetic_samples(t, split="calib")]
-        return rng.sample(pairs, min(n, len(pairs)))
-    if name.startswith("synthetic:"):
-        from tacq_lite.synthetic import synthetic_samples
-
-        pairs = synthetic_samples(name.split(":", 1)[1], split="calib")
-        return rng.sample(pairs, min(n, len(pairs)))
-    if Path(name).suffix == ".jsonl" or Path(name).is_file():
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"Calibration file {name} does not exist.")
-        pairs = read_pairs_jsonl(name)
-        return rng.sample(pairs, min(n, len(pairs)))
-    from tacq_lite.synthetic import TASKS
-
-    choices = ["mmlu", "gsm8k", "synthetic"] + [f"synthetic:{t}" for t in TASKS] + ["<path to a .jsonl with prompt/answer>"]
-    raise ValueError(f"Unknown calibration task {name!r}; choose one of: {', '.join(choices)}.")

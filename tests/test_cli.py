@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tacq_lite import cli
+from tacq_lite import cli, experiment
 from tacq_lite.config import QuantConfig
 
 
@@ -32,10 +32,10 @@ def test_bad_input_exits_with_a_clear_message(argv, message, capsys):
 def test_table_formats_every_eval_set():
     rec = {"method": "rtn", "bits": 3, "avg_bits": 3.0469, "seconds_total": 12.0,
            "metrics": {"a.txt": {"ppl": 12.5, "kl": 0.25}, "wikitext2": {"ppl": 30.0, "kl": 0.75}}}
-    text = cli.format_table([rec])
+    text = experiment.format_table([rec])
     assert "ppl a.txt" in text and "ppl wikitext2" in text and "3.047" in text and "0.5000" in text
     rec["metrics"]["wikitext2"].update(ppl_low=28.25, ppl_high=31.5, n_tokens=8 * 511, n_windows=8)
-    text = cli.format_table([rec])
+    text = experiment.format_table([rec])
     assert "30.00 [28.25, 31.50]" in text
     assert "ppl wikitext2: [95 % bootstrap interval over windows], 8 windows × 511 predicted tokens" in text
 

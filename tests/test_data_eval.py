@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tacq_lite import data
+from tacq_lite import calibration, data
 from tacq_lite.eval import evaluate_lm
 from tacq_lite.models import tiny_llama
 
@@ -61,8 +61,6 @@ def test_bad_sources(tmp_path, monkeypatch):
 
 
 def test_non_utf8_text_and_jsonl_name_the_file(tmp_path):
-    from tacq_lite import tasks
-
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\xe9 ".encode("latin-1") * 3000)  # the bad byte first, the file longer than one read chunk
     with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"):
@@ -74,13 +72,13 @@ def test_non_utf8_text_and_jsonl_name_the_file(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_bytes(b'{"prompt": "p", "answer": "a"}\n{"prompt": "\xe9", "answer": "a"}\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl is not UTF-8 text \(byte 0xe9 at offset 43\)"):
-        tasks.calibration_pairs(str(pairs), n=1)
+        calibration.calibration_pairs(str(pairs), n=1)
     pairs.write_text('{"prompt": "p", "answer": "a"}\n\n{"prompt": "p", "answer": \n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl, line 3: not valid JSON"):
-        tasks.calibration_pairs(str(pairs), n=1)
+        calibration.calibration_pairs(str(pairs), n=1)
     pairs.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p\u2028q"}\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl, line 2: missing string field\(s\) \['answer'\]"):
-        tasks.calibration_pairs(str(pairs), n=1)
+        calibration.calibration_pairs(str(pairs), n=1)
 
 
 def test_no_wikitext_source_offline(monkeypatch, tmp_path):

@@ -20,7 +20,6 @@ import torch
 from tacq_lite import outliers, tacq
 from tacq_lite.config import QuantConfig
 from tacq_lite.models import tiny_llama
-from tacq_lite.pipeline import QuantizeResult, bits_report
 from tacq_lite.qlinear import META_FILE, TENSOR_FILE, check_save_target, load_quantized, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,9 +214,8 @@ WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed
 
 def run_tacq(config):
     model = tiny_llama()
-    result = QuantizeResult(config=config, bits=bits_report(model, config))
-    info = tacq.tacq_quantize(model, WINDOWS, config, result, progress=False)
-    return result.masks, info
+    result = tacq.tacq_quantize(model, WINDOWS, config, progress=False)
+    return result.masks, result.info
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from torch import nn
 
 from tacq_lite import QuantConfig, tiny_llama
 from tacq_lite.pack import packed_cols
-from tacq_lite.pipeline import quantize_model
+from tacq_lite.experiment import quantize_model
 from tacq_lite.qlinear import (
     FORMAT_VERSION, META_FILE, TENSOR_FILE, QuantLinear, convert_model, load_quantized, quant_linears, save_quantized,
 )
@@ -113,6 +113,26 @@ def test_convert_model_keeps_the_outputs(packed_tiny):
     assert len(quant_linears(packed)) == 14
     assert sum(q.nnz for q in quant_linears(packed).values()) == result.bits.n_kept > 0
     torch.testing.assert_close(packed(x).logits, fake(x).logits, rtol=2e-3, atol=2e-3)
+
+
+def test_the_quantizers_codes_are_packed_as_they_are(packed_tiny):
+    """GPTQ's own codes go to disk; re-deriving them from the weights gives the same words off the mask."""
+    from tacq_lite.pack import unpack
+
+    fake, packed, result = packed_tiny
+    carried = convert_model(copy.deepcopy(fake), result.grids, bits=3, masks=result.masks, codes=result.codes)
+    for name, q in quant_linears(carried).items():
+        off = ~result.masks.get(name, torch.zeros_like(result.codes[name], dtype=torch.bool))
+        assert torch.equal(unpack(q.qweight, bits=3, cols=q.in_features), result.codes[name])
+        derived = unpack(quant_linears(packed)[name].qweight, bits=3, cols=q.in_features)
+        assert torch.equal(derived[off], result.codes[name][off])
+        assert torch.equal(q.dequantized_weight(), quant_linears(packed)[name].dequantized_weight())
+    bad = {n: c.clone() for n, c in result.codes.items()}
+    name = next(iter(bad))
+    flip = (~result.masks[name]).nonzero()[0].tolist() if name in result.masks else [0, 0]
+    bad[name][flip[0], flip[1]] ^= 1  # one code that no longer reproduces the weight
+    with pytest.raises(ValueError, match="off the given grid"):
+        convert_model(copy.deepcopy(fake), result.grids, bits=3, masks=result.masks, codes=bad)
 
 
 def test_convert_needs_every_grid(packed_tiny):

@@ -5,7 +5,7 @@ import torch
 from fakes import BigramLM, FakeTok
 
 from tacq_lite import synthetic
-from tacq_lite.tasks import calibration_pairs
+from tacq_lite.calibration import calibration_pairs
 from tacq_lite.synthetic import N_EVAL, SHOTS, TASKS, synthetic_eval, synthetic_prefix, synthetic_samples
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "synthetic"

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from tacq_lite import importance, outliers, pipeline, walk
+from tacq_lite import experiment, importance, outliers, pipeline, walk
 from tacq_lite.config import QuantConfig
 from tacq_lite.models import tiny_llama
-from tacq_lite.pipeline import QuantizeResult, bits_report
+from tacq_lite.pipeline import bits_report
 from tacq_lite.tacq import build_masks, compute_importance, tacq_quantize
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -35,9 +35,8 @@ def counts(monkeypatch):
 
 def run(config, model=None, **kw):
     model = model or tiny_llama()
-    result = QuantizeResult(config=config, bits=bits_report(model, config))
-    info = tacq_quantize(model, WINDOWS, config, result, progress=False, **kw)
-    return model, result, info
+    result = tacq_quantize(model, WINDOWS, config, progress=False, **kw)
+    return model, result, result.info
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_end_to_end_keeps_exactly_k_weights(first):
     assert sum(w.numel() for w in original.values()) == TOTAL
     k = outliers.n_keep(TOTAL, 0.01)
     assert info["gradients"] == info["qw"] == "computed" and info["n_backward"] == 4
-    assert sum(result.kept.values()) == info["k"] == k
+    assert sum(result.n_kept.values()) == info["k"] == k
     assert set(result.seconds) >= {"qw", "gradients", "score", "gptq"}
     assert set(result.layer_loss) == set(original)
     changed = moved = 0
@@ -123,7 +122,7 @@ def test_new_ratio_reuses_the_cache_without_backward_or_first_gptq(first, counts
     _, result2, info = run(config.replace(ratio=0.02))
     assert counts == {"grads": 0, "squares": 0, "gptq": 1}  # only the final masked GPTQ
     assert info["gradients"] == info["qw"] == "cache"
-    assert sum(result2.kept.values()) == outliers.n_keep(TOTAL, 0.02)
+    assert sum(result2.n_kept.values()) == outliers.n_keep(TOTAL, 0.02)
     for name, m in result1.masks.items():
         assert not (m & ~result2.masks[name]).any()  # top-1 % is inside top-2 %
     # The same ratio again from the cache: the very same masks as the fresh run.
@@ -176,14 +175,14 @@ def test_ratio_zero_is_plain_gptq(counts, tmp_path):
     plain = tiny_llama()
     pipeline.gptq_quantize(plain, WINDOWS, config, progress=False)
     assert counts == {"grads": 0, "squares": 0, "gptq": 2}
-    assert set(result.kept.values()) == {0} and result.masks == {}
+    assert set(result.n_kept.values()) == {0} and result.masks == {}
     for (_, a), (_, b) in zip(walk.named_linears(model).items(), walk.named_linears(plain).items()):
         assert torch.equal(a.weight, b.weight)
 
 
 def test_quantize_model_reports_kept_bits(first):
-    result = pipeline.quantize_model(tiny_llama(), WINDOWS, first[0], progress=False)
-    assert result.bits.n_kept == outliers.n_keep(TOTAL, 0.01)
+    result = experiment.quantize_model(tiny_llama(), WINDOWS, first[0], progress=False)
+    assert result.bits.n_kept == sum(result.n_kept.values()) == outliers.n_keep(TOTAL, 0.01)
     assert result.bits.avg_bits > bits_report(tiny_llama(), first[0].replace(method="gptq")).avg_bits
 
 

@@ -1,7 +1,7 @@
 import pytest
 from fakes import tiny_data, write_csv, write_jsonl  # noqa: F401 (fixture)
 
-from tacq_lite import tasks
+from tacq_lite import calibration, tasks
 from tacq_lite.tasks import GSM8KItem, MMLUItem, TaskSample
 
 
@@ -72,32 +72,32 @@ def test_gsm8k_loading_and_validation(tiny_data, tmp_path):
 
 
 def test_calibration_pairs_from_gsm8k_train_and_user_jsonl(tiny_data, tmp_path):
-    pairs = tasks.calibration_pairs("gsm8k", n=3, seed=0)
+    pairs = calibration.calibration_pairs("gsm8k", n=3, seed=0)
     assert len(pairs) == 3 and all(isinstance(p, TaskSample) for p in pairs)
     assert all(p.prompt.startswith("Question: train") and p.prompt.endswith("\nAnswer:") for p in pairs)
     assert all("<<" not in p.answer and "####" in p.answer for p in pairs)
-    assert pairs == tasks.calibration_pairs("gsm8k", n=3, seed=0)
+    assert pairs == calibration.calibration_pairs("gsm8k", n=3, seed=0)
     user = tmp_path / "mine.jsonl"
     write_jsonl(user, [{"prompt": f"p{i}", "answer": f" a{i}"} for i in range(5)])
-    assert sorted(tasks.calibration_pairs(str(user), n=10, seed=0)) == [TaskSample(f"p{i}", f" a{i}") for i in range(5)]
+    assert sorted(calibration.calibration_pairs(str(user), n=10, seed=0)) == [TaskSample(f"p{i}", f" a{i}") for i in range(5)]
     write_jsonl(user, [{"prompt": "p"}])
     with pytest.raises(ValueError, match="missing string field"):
-        tasks.calibration_pairs(str(user), n=1)
+        calibration.calibration_pairs(str(user), n=1)
 
 
 def test_calibration_pairs_rejects_unknown_names_and_bad_n():
     with pytest.raises(ValueError, match="Unknown calibration task 'wikitext'.*mmlu.*gsm8k.*synthetic:copy"):
-        tasks.calibration_pairs("wikitext", n=1)
+        calibration.calibration_pairs("wikitext", n=1)
     with pytest.raises(ValueError, match="n must be positive"):
-        tasks.calibration_pairs("gsm8k", n=0)
+        calibration.calibration_pairs("gsm8k", n=0)
     with pytest.raises(ValueError, match="Unknown synthetic task"):
-        tasks.calibration_pairs("synthetic:nope", n=1)
+        calibration.calibration_pairs("synthetic:nope", n=1)
 
 
 def test_mmlu_calibration_never_uses_the_test_split():
     if tasks.shared_data_dir() is None:
         pytest.skip("needs the reference MMLU data")
-    pairs = tasks.calibration_pairs("mmlu", n=200, seed=0)
+    pairs = calibration.calibration_pairs("mmlu", n=200, seed=0)
     assert {p.answer for p in pairs} <= {" A", " B", " C", " D"}
     test_questions = {item.question for s in tasks.SUBJECTS for item in tasks.load_mmlu(s, "test")}
     used = {p.prompt.split("\n\n", 1)[1].rsplit("\nA. ", 1)[0] for p in pairs}
