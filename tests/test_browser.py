@@ -436,7 +436,7 @@ def test_04_budget_explorer_redraws(browser, lab, request):
     """Notebook 04's selector/budget explorer, with the small calibration used by the papermill test."""
     file, expected = stage(lab, "04_outlier_masking.ipynb", parameters=dict(
         settings=[[3, -1]], ratios=[0.0035], selectors=["tacq", "magnitude", "random"],
-        n_calib=2, seq_len=64, eval_tokens=1024))  # 8 windows: the notebook asserts intervals apart
+        n_calib=2, seq_len=64, eval_tokens=2048))  # 16 windows: the notebook asserts intervals apart
     _, found = check_in_browser(browser, lab, file, slider="ratio", sliders=["selector", "ratio"],
                                 expected_figures=expected, request=request)
     assert_fine(found)

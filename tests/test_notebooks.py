@@ -62,7 +62,7 @@ def test_03_contrastive_importance(tmp_path):
 @pytest.mark.slow
 def test_04_outlier_masking(tmp_path):
     r = run("04_outlier_masking.ipynb", tmp_path, settings=[[3, -1]], ratios=[0.0035],
-            selectors=["tacq", "magnitude", "random"], n_calib=2, seq_len=64, eval_tokens=1024)
+            selectors=["tacq", "magnitude", "random"], n_calib=2, seq_len=64, eval_tokens=2048)
     p, ci = r["ppl"], r["ppl_interval"]
     assert ci["3bit_g-1_tacq_0.0035"][1] < ci["3bit_g-1_random_0.0035"][0]  # intervals apart, as the notebook asserts
     best = r["best"]["3bit_g-1_r0.0035"]
