@@ -145,7 +145,7 @@ def test_kl_source_that_moved_is_a_clean_error(saved, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["json_is_dir", "json_under_file", "save_under_file", "cache_is_file",
-                                  "json_unwritable"])
+                                  "json_unwritable", "save_unwritable"])
 def test_output_paths_are_checked_before_the_model_loads(case, tmp_path):
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "adir").mkdir()
@@ -153,9 +153,11 @@ def test_output_paths_are_checked_before_the_model_loads(case, tmp_path):
             "json_under_file": ["--json", tmp_path / "afile" / "r.json"],
             "save_under_file": ["--save", tmp_path / "afile" / "q"],
             "cache_is_file": ["--method", "tacq", "--cache-dir", tmp_path / "afile"],
-            "json_unwritable": ["--json", unwritable(tmp_path) / "r.json"]}[case]
+            "json_unwritable": ["--json", unwritable(tmp_path) / "r.json"],
+            "save_unwritable": ["--save", unwritable(tmp_path) / "q"]}[case]
     proc = cli("quantize", "--method", "rtn", "--model", tmp_path / "never-loaded", *args, "--quiet")
-    phrase = {"json_is_dir": "is a folder", "json_unwritable": "cannot write"}.get(case, "is a file, not a folder")
+    phrase = {"json_is_dir": "is a folder", "json_unwritable": "cannot write", "save_unwritable": "cannot write"}.get(
+        case, "is a file, not a folder")
     assert_clean_error(proc, phrase)  # the model path does not exist: it was never reached
     assert (tmp_path / "afile").read_text() == "mine"
 
@@ -200,6 +202,26 @@ def test_nan_weights_and_too_long_windows_fail_right_after_loading(tmp_path):
     good = save_tiny_model(tmp_path / "good")
     assert_clean_error(cli("quantize", "--method", "rtn", "--model", good, "--seq-len", "100000", "--quiet"),
                        "longer than the model's context (2048 tokens)")
+
+
+def test_a_non_utf8_eval_file_is_named(tiny_model, tmp_path):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait ".encode("latin-1") * 200)
+    proc = cli("quantize", "--method", "rtn", "--model", tiny_model, "--eval", latin, *TINY)
+    assert_clean_error(proc, "latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)")
+
+
+def test_student_copies_never_replace_notebooks_without_overwrite(tmp_path):
+    out = tmp_path / "student"
+    first = cli("student", ROOT / "notebooks" / "01_uniform_quantization.ipynb", "--out", out)
+    assert first.returncode == 0, first.stderr
+    mine = out / "01_uniform_quantization.ipynb"
+    mine.write_text("my answers")
+    assert_clean_error(cli("student", ROOT / "notebooks" / "01_uniform_quantization.ipynb", "--out", out),
+                       "already exists; pass --overwrite")
+    assert mine.read_text() == "my answers"
+    again = cli("student", ROOT / "notebooks" / "01_uniform_quantization.ipynb", "--out", out, "--overwrite")
+    assert again.returncode == 0 and mine.read_text() != "my answers"
 
 
 def test_debug_shows_the_traceback(tmp_path):
