@@ -10,7 +10,6 @@ Any Hugging Face model id or local folder works too.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .records import sha256_file
 
 EMBEDDED_NAME = "embedded"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,14 +63,6 @@ def _atomic_write_dir(final: Path, write) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_problem(cached: Path, gguf: Path) -> str | None:
     """Why the float copy of the embedded model in `cached` cannot be used, or None (~1 s: sha256)."""
     try:
@@ -83,7 +76,7 @@ def _cache_problem(cached: Path, gguf: Path) -> str | None:
         f = cached / name
         if not f.is_file() or f.stat().st_size != spec.get("bytes"):
             return f"{name} is missing or has another size"
-        if _sha256(f) != spec.get("sha256"):
+        if sha256_file(f) != spec.get("sha256"):
             return f"{name} does not match its sha256"
     return None
 
@@ -135,7 +128,7 @@ def _load_embedded(dtype: torch.dtype, use_cache: bool):
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
             (tmp / CACHE_MANIFEST).write_text(json.dumps({"source": str(gguf), "source_bytes": gguf.stat().st_size,
                                                           "format": CACHE_FORMAT, "files": files}))
 

@@ -31,7 +31,6 @@ QuantLinears and assigns the stored tensors; nothing is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ from torch import nn
 from . import walk
 from .pack import SparseKept, check_kept, check_packed, index_dtype, pack, pack_sparse, packed_cols
 from .quant import check_bits, check_groupsize, dequantize, quantize
+from .records import sha256_file
 
 FORMAT_NAME = "tacq_lite.quantized"
 FORMAT_VERSION = 1
@@ -197,14 +197,6 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
 # ---------------------------------------------------------------- saving and loading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every parameter and buffer once (tied tensors stored under their first name); returns
     (tensors, names of the tied aliases)."""
@@ -295,7 +287,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, tokenizer=Non
             tokenizer.save_pretrained(tmp)
         # Every file written, with its size and sha256: `load_quantized` verifies them and
         # `check_save_target` replaces the folder only if it holds nothing else.
-        meta["files"] = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        meta["files"] = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                          for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete folder
         umask = os.umask(0)
@@ -354,7 +346,7 @@ def verify_files(folder: str | os.PathLike, meta: dict, *, checksums: bool = Tru
         if f.stat().st_size != spec["bytes"]:
             raise ValueError(f"{f} has {f.stat().st_size} bytes, {spec['bytes']} were written: the file is "
                              "truncated or was replaced. Re-save the model.")
-        if checksums and _sha256(f) != spec["sha256"]:
+        if checksums and sha256_file(f) != spec["sha256"]:
             raise ValueError(f"{f} does not match the sha256 recorded at save time: the file is corrupted. "
                              "Re-save the model.")
 

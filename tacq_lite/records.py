@@ -7,6 +7,7 @@ run before any model is loaded, so a wrong path fails in a second, not after the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
     return write_text_atomic(path, json.dumps(_clean(record), indent=2))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict:
