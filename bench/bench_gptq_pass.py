@@ -19,8 +19,10 @@ import time
 
 import torch
 
-from tacq_lite import data, load_model, pipeline
+from tacq_lite import load_model
 from tacq_lite.config import QuantConfig
+from tacq_lite.data import corpus
+from tacq_lite.run import passes
 
 
 def main() -> None:
@@ -39,11 +41,11 @@ def main() -> None:
         return
 
     model, tok = load_model()
-    windows = data.calibration_windows(tok, n=args.n_calib, seq_len=args.seq_len)
+    windows = corpus.calibration_windows(tok, n=args.n_calib, seq_len=args.seq_len)
     config = QuantConfig(method="gptq", bits=args.bits, groupsize=args.groupsize, mse=args.mse,
                          n_calib=args.n_calib, seq_len=args.seq_len)
     start = time.perf_counter()
-    pipeline.gptq_quantize(model, windows, config, progress=False)
+    passes.gptq_quantize(model, windows, config, progress=False)
     seconds = time.perf_counter() - start
     digest = hashlib.sha256()
     for _, param in model.named_parameters():
@@ -53,7 +55,7 @@ def main() -> None:
     if args.save:
         from safetensors.torch import save_file
 
-        from tacq_lite import walk
+        from tacq_lite.model import walk
 
         save_file({n: lin.weight.detach().contiguous() for n, lin in walk.named_linears(model).items()}, args.save)
 

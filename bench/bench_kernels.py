@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tacq_lite import pack as P
+from tacq_lite.core import pack as P
 from tacq_lite.kernels import dequant_matmul, dequant_weight
 
 KEPT_FRAC = 0.0035  # TaCQ's kept fraction
@@ -146,10 +146,11 @@ def bench_model(bits: int, groupsize: int, reps: int) -> None:
     import copy
     import resource
 
-    from tacq_lite import load_model, walk
+    from tacq_lite import load_model
     from tacq_lite.config import QuantConfig
-    from tacq_lite.pipeline import rtn_quantize
-    from tacq_lite.qlinear import convert_model, quant_linears
+    from tacq_lite.model import walk
+    from tacq_lite.model.qlinear import convert_model, quant_linears
+    from tacq_lite.run.passes import rtn_quantize
 
     model, tok = load_model()
     packed = copy.deepcopy(model)

@@ -9,9 +9,9 @@ speed drifts within minutes):
   gptq 1 thread          one process, one thread
   gptq 1 thread x 2      two one-thread processes at once (each prints its own seconds)
   grads 2 threads        accumulate_gradients, one process, two threads (seconds per sample)
-  grads 2 processes      accumulate_gradients(workers=2): this process and a forked one, one thread each
+  grads 2 processes      GradientWorker(...).result(): this process and a forked one, one thread each
 This is why TaCQ's first GPTQ pass runs on one thread beside a forked gradient worker
-(importance.GradientWorker): see BENCHMARKS.md. `--tiny` runs everything on a tiny random Llama
+(parallel.GradientWorker): see BENCHMARKS.md. `--tiny` runs everything on a tiny random Llama
 (a smoke test, numbers meaningless).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ VOCAB_EMBEDDED, VOCAB_TINY = 49152, 256
 
 def _model(tiny: bool):
     from tacq_lite import load_model
-    from tacq_lite.models import tiny_llama
+    from tacq_lite.model.loading import tiny_llama
 
     return (tiny_llama(), None) if tiny else load_model()
 
@@ -37,8 +37,10 @@ def _model(tiny: bool):
 def _child(args) -> None:
     """One measurement in this process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    from tacq_lite import importance, pipeline
+    from tacq_lite.algo import gradients
     from tacq_lite.config import QuantConfig
+    from tacq_lite.run import passes
+    from tacq_lite.run.parallel import GradientWorker
 
     model, _ = _model(args.tiny)
     vocab = VOCAB_TINY if args.tiny else VOCAB_EMBEDDED
@@ -47,13 +49,16 @@ def _child(args) -> None:
         model.model.layers = model.model.layers[: args.layers]
         windows = torch.randint(0, vocab, (args.n, args.seq_len), generator=gen)  # [n, seq_len]
         start = time.perf_counter()
-        pipeline.gptq_quantize(model, windows, QuantConfig(method="gptq", bits=3), progress=False)
+        passes.gptq_quantize(model, windows, QuantConfig(method="gptq", bits=3), progress=False)
         out = {"seconds": time.perf_counter() - start}
     else:
         ids = torch.randint(0, vocab, (args.samples + 1, args.seq_len), generator=gen)  # [samples + 1, seq_len]
-        importance.accumulate_gradients(model, ids[:1], progress=False)  # warm-up
+        gradients.accumulate_gradients(model, ids[:1], progress=False)  # warm-up
         start = time.perf_counter()
-        importance.accumulate_gradients(model, ids[1:], workers=args.workers, progress=False)
+        if args.workers == 2:
+            GradientWorker(model, ids[1:]).result(progress=False)
+        else:
+            gradients.accumulate_gradients(model, ids[1:], progress=False)
         out = {"seconds_per_sample": (time.perf_counter() - start) / args.samples}
     print(json.dumps(out), flush=True)
 
@@ -90,7 +95,7 @@ def threads(args) -> dict:
 
 
 def hessian(args) -> dict:
-    from tacq_lite import gptq as gptq_module
+    from tacq_lite.algo import gptq as gptq_module
 
     out, blocked = {}, gptq_module.HESSIAN_BLOCK
     widths = (64, 96) if args.tiny else (576, 1536)

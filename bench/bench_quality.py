@@ -19,7 +19,7 @@ channel unless stated) evaluated on 64 windows x 512 tokens of WikiText-2's seco
 rows name their seed; `--summary` adds a table with one line per configuration: the mean over
 seeds, the spread (min-max), and each seed's perplexity with its interval.
 
-Each row is one `tacq-lite quantize` run (tacq_lite.experiment.run_quantize) in a fresh process, so
+Each row is one `tacq-lite quantize` run (tacq_lite.run.experiment.run_quantize) in a fresh process, so
 peak RSS is per run. Records go to bench/results/<suite>/*.json and a markdown table to stdout.
 """
 from __future__ import annotations
@@ -147,8 +147,8 @@ def run_one(cfg: dict, common: dict, out: Path, evals: dict | None = None) -> di
     if out.is_file():
         return json.loads(out.read_text())
     code = (
-        "import json, sys; from tacq_lite.config import QuantConfig; from tacq_lite.experiment import run_quantize;"
-        "from tacq_lite.records import write_json_atomic;"
+        "import json, sys; from tacq_lite.config import QuantConfig; from tacq_lite.run.experiment import run_quantize;"
+        "from tacq_lite.io import write_json_atomic;"
         "c = QuantConfig(**json.loads(sys.argv[1])); write_json_atomic(sys.argv[2], run_quantize(c, progress=False))"
     )
     cfg_all = {**common, **cfg, **(evals or {"evals": ["wikitext2"]})}
@@ -259,9 +259,9 @@ PAIRS = [  # (a, b) compared on the same windows: ppl_a / ppl_b
 
 def paired_table(records: list[dict]) -> str:
     """ppl_a / ppl_b per seed and ratio with the paired bootstrap interval over the shared windows
-    (tacq_lite.eval.paired_ppl_ratio): the windows' own difficulty cancels, so this interval is
+    (tacq_lite.eval.lm.paired_ppl_ratio): the windows' own difficulty cancels, so this interval is
     far narrower than the two perplexity intervals side by side."""
-    from tacq_lite.eval import paired_ppl_ratio
+    from tacq_lite.eval.lm import paired_ppl_ratio
 
     def key(c):  # GPTQ's record carries the config's keep_value too; it has no mask, so it does not apply
         return (c["selector"], c["keep_value"]) if c["method"] == "tacq" else (c["method"], None)
@@ -292,7 +292,7 @@ def _mean_ci(values) -> str:
     """mean [95 % bootstrap interval] of per-item values (questions, solutions, items)."""
     import torch
 
-    from tacq_lite.eval import bootstrap_interval
+    from tacq_lite.eval.lm import bootstrap_interval
 
     v = torch.tensor([float(x) for x in values], dtype=torch.float64)
     lo, hi = bootstrap_interval(v)
@@ -331,7 +331,7 @@ def paper_task_paired(records: list[dict]) -> str:
     """Each TaCQ row minus GPTQ on the same items, with the bootstrap interval of the paired differences."""
     import torch
 
-    from tacq_lite.eval import bootstrap_interval, paired_ppl_ratio
+    from tacq_lite.eval.lm import bootstrap_interval, paired_ppl_ratio
 
     base = next((r for r in records if r["config"]["method"] == "gptq"), None)
     head = "| configuration − gptq | WikiText-2 ppl ratio [95 % CI] | " + " | ".join(

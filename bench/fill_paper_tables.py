@@ -53,7 +53,7 @@ bound: it covers both the evaluation text and the calibration seed):
 {summary}
 
 **Paired, per seed.** Both runs on the same 64 windows: the ratio of perplexities and the bootstrap
-interval of the per-window NLL differences (`tacq_lite.eval.paired_ppl_ratio`). The windows' own
+interval of the per-window NLL differences (`tacq_lite.eval.lm.paired_ppl_ratio`). The windows' own
 difficulty cancels, so these intervals are much narrower than the ones above; they say whether two
 models differ *on this text at this seed*, not across seeds:
 

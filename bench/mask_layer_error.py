@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tacq_lite import data, models, walk  # noqa: E402
-from tacq_lite.gptq import GPTQ, KEEP_VALUES, reconstruction_error  # noqa: E402
+from tacq_lite.algo.gptq import GPTQ, KEEP_VALUES, reconstruction_error
+from tacq_lite.data import corpus
+from tacq_lite.model import loading, walk
 
 
 def layer_inputs(model, windows: torch.Tensor, layer_index: int) -> dict[str, torch.Tensor]:
@@ -82,17 +83,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(not 0 <= r < 1 for r in ratios):
         raise SystemExit(f"--ratios {args.ratios}: each ratio must be in [0, 1).")
     if args.tiny:
-        model = models.tiny_llama()
+        model = loading.tiny_llama()
         windows = torch.randint(0, 256, (args.n_calib, args.seq_len), generator=torch.Generator().manual_seed(0))
     else:
-        model, tok = models.load_model()
-        windows = data.calibration_windows(tok, n=args.n_calib, seq_len=args.seq_len)
+        model, tok = loading.load_model()
+        windows = corpus.calibration_windows(tok, n=args.n_calib, seq_len=args.seq_len)
     if not 0 <= args.layer < len(walk.decoder_layers(model)):
         raise SystemExit(f"--layer {args.layer}: the model has {len(walk.decoder_layers(model))} decoder layers.")
     rows = run(model, windows, layer_index=args.layer, ratios=ratios, bits=args.bits, mse=args.mse, seed=args.seed)
     print(table(rows))
     if args.json:
-        from tacq_lite.records import write_json_atomic
+        from tacq_lite.io import write_json_atomic
 
         write_json_atomic(args.json, {"settings": vars(args), "rows": rows})
     return rows

@@ -19,10 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tacq_lite import data, models  # noqa: E402
-from tacq_lite.config import QuantConfig  # noqa: E402
-from tacq_lite.outliers import mask_report  # noqa: E402
-from tacq_lite.tacq import build_masks, compute_importance  # noqa: E402
+from tacq_lite.algo.select import mask_report
+from tacq_lite.config import QuantConfig
+from tacq_lite.data import corpus
+from tacq_lite.model import loading
+from tacq_lite.run.tacq import build_masks, compute_importance
 
 
 def jaccard(a: dict, b: dict) -> float:
@@ -49,10 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("--selectors", default="tacq,gradient,fisher,qal,msg,magnitude")
     args = p.parse_args(argv)
     sels = args.selectors.split(",")
-    model, tok = models.load_model()
+    model, tok = loading.load_model()
     cfg = QuantConfig(method="tacq", bits=args.bits, groupsize=args.groupsize, mse=args.mse,
                       n_calib=args.n_calib, seq_len=args.seq_len)
-    windows = data.calibration_windows(tok, "wikitext2", n=args.n_calib, seq_len=args.seq_len, seed=cfg.seed)
+    windows = corpus.calibration_windows(tok, "wikitext2", n=args.n_calib, seq_len=args.seq_len, seed=cfg.seed)
     # "fisher" needs Q(W), G and G²: its inputs cover every gradient selector.
     inp = compute_importance(model, windows, cfg, selector="fisher", progress=False)
     masks = {s: build_masks(inp, selector=s, ratio=args.ratio, seed=cfg.seed) for s in sels}

@@ -1,6 +1,6 @@
 """tacq_lite: learn and use Task-Circuit Quantization (Xiao et al., 2025, arXiv 2504.07389)."""
 from .config import QuantConfig
-from .models import load_model, tiny_llama
+from .model.loading import load_model, tiny_llama
 
 __version__ = "0.1.0"
 
@@ -9,7 +9,7 @@ __all__ = ["QuantConfig", "load_model", "tiny_llama", "quantize_model", "__versi
 
 def __getattr__(name):  # keep `import tacq_lite` light: quantize_model pulls in GPTQ and friends lazily
     if name == "quantize_model":
-        from .experiment import quantize_model
+        from .run.experiment import quantize_model
 
         return quantize_model
     raise AttributeError(name)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .algo.gptq import KEEP_VALUES
 from .config import METHODS, QuantConfig
-from .experiment import EVALS, format_table, run_eval, run_quantize
-from .gptq import KEEP_VALUES
-from .records import check_output_file, write_json_atomic
+from .io import check_output_file, write_json_atomic
+from .run.experiment import EVALS, format_table, run_eval, run_quantize
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -153,8 +153,8 @@ def one_line(err: BaseException) -> str:
 def _student(args) -> int:
     from pathlib import Path
 
-    from .exercises import make_student_copies
-    from .sweep import PACKAGE_ROOT
+    from .course.student import make_student_copies
+    from .io import PACKAGE_ROOT
 
     notebooks = args.notebooks or sorted((PACKAGE_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     try:
@@ -174,7 +174,7 @@ def _student(args) -> int:
 
 
 def _sweep(args) -> int:
-    from . import sweep
+    from .course import sweep
 
     try:
         if args.grid and args.param:

@@ -72,9 +72,9 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if isinstance(self.evals, str) or isinstance(self.mmlu_subjects, str):
             raise TypeError("evals and mmlu_subjects are tuples of names, e.g. evals=('wikitext2',).")
-        from .gptq import check_keep_value
-        from .quant import check_bits
-        from .scores import get_selector
+        from .algo.gptq import check_keep_value
+        from .algo.selectors import get_selector
+        from .core.quant import check_bits
 
         check_bits(self.bits)
         check_keep_value(self.keep_value)

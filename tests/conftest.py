@@ -13,9 +13,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def embedded_gguf():
     """The embedded model's GGUF file; skips, with the install command, where its wheel is missing."""
-    from tacq_lite import models
+    from tacq_lite.model import loading
 
     try:
-        return models.embedded_gguf_path()
+        return loading.embedded_gguf_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))

@@ -79,7 +79,7 @@ def test_mask_layer_error_on_a_tiny_llama(capsys):
 
 def test_parallel_bench_on_a_tiny_llama():
     bench = load("bench_parallel")
-    from tacq_lite import gptq
+    from tacq_lite.algo import gptq
 
     block = gptq.HESSIAN_BLOCK
     rec = bench.main(["hessian", "--tiny", "--rounds", "1", "--seq-len", "32"])

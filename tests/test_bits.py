@@ -1,6 +1,6 @@
 import pytest
 
-from tacq_lite.bits import average_bits
+from tacq_lite.core.bits import average_bits
 
 
 def test_per_channel_hand_computed():

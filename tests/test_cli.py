@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from tacq_lite import cli, experiment
+from tacq_lite import cli
 from tacq_lite.config import QuantConfig
+from tacq_lite.run import experiment
 
 
 def test_config_rejects_bad_values():
@@ -58,7 +59,7 @@ def test_rtn_run_writes_the_record(tmp_path, embedded_gguf):
 @pytest.mark.slow
 def test_tacq_save_load_generate_end_to_end(tmp_path, embedded_gguf):
     """Embedded model -> TaCQ -> packed save -> load into QuantLinears -> same perplexity, generates."""
-    from tacq_lite.pack import packed_cols
+    from tacq_lite.core.pack import packed_cols
 
     text = tmp_path / "text.txt"
     text.write_text("The history of the city begins with a small harbour and a market by the river. " * 80)

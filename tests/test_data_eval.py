@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from tacq_lite import calibration, data
-from tacq_lite.eval import evaluate_lm
-from tacq_lite.models import tiny_llama
+from tacq_lite.data import calibration, corpus
+from tacq_lite.eval.lm import evaluate_lm
+from tacq_lite.model.loading import tiny_llama
 
 
 class CharTok:
@@ -24,51 +24,51 @@ def text_file(tmp_path):
 
 def test_calibration_windows_seeded_and_shaped(text_file):
     tok = CharTok()
-    a = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
-    b = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
-    c = data.calibration_windows(tok, text_file, n=4, seq_len=32, seed=2)
+    a = corpus.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
+    b = corpus.calibration_windows(tok, text_file, n=4, seq_len=32, seed=1)
+    c = corpus.calibration_windows(tok, text_file, n=4, seq_len=32, seed=2)
     assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_eval_tokens_whole_windows(text_file):
-    t = data.eval_tokens(CharTok(), text_file, max_tokens=100, seq_len=32)
+    t = corpus.eval_tokens(CharTok(), text_file, max_tokens=100, seq_len=32)
     assert t.numel() == 96
 
 
 def test_wikitext2_halves_are_disjoint():
-    if data.shared_data_dir() is None:
+    if corpus.shared_data_dir() is None:
         pytest.skip("../shared/data is absent: the WikiText-2 split needs the reference copy")
-    calib = data.source_text("wikitext2", role="calib")
-    evaluation = data.source_text("wikitext2", role="eval")
+    calib = corpus.source_text("wikitext2", role="calib")
+    evaluation = corpus.source_text("wikitext2", role="eval")
     assert len(calib) > 500_000 and len(evaluation) > 500_000
-    raw = (data.shared_data_dir() / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    raw = (corpus.shared_data_dir() / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     assert calib + evaluation == raw  # one cut, nothing shared, nothing lost
-    assert "first half" in data.describe_source("wikitext2")
+    assert "first half" in corpus.describe_source("wikitext2")
 
 
 def test_bad_sources(tmp_path, monkeypatch):
     tok = CharTok()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.eval_tokens(tok, str(tmp_path / "missing.txt"), seq_len=8)
+        corpus.eval_tokens(tok, str(tmp_path / "missing.txt"), seq_len=8)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
-        data.eval_tokens(tok, str(empty), seq_len=8)
+        corpus.eval_tokens(tok, str(empty), seq_len=8)
     short = tmp_path / "short.txt"
     short.write_text("tiny")
     with pytest.raises(ValueError, match="fewer than one window"):
-        data.calibration_windows(tok, str(short), n=1, seq_len=64)
+        corpus.calibration_windows(tok, str(short), n=1, seq_len=64)
 
 
 def test_non_utf8_text_and_jsonl_name_the_file(tmp_path):
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\xe9 ".encode("latin-1") * 3000)  # the bad byte first, the file longer than one read chunk
     with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"):
-        data.eval_tokens(CharTok(), str(text), seq_len=8)
+        corpus.eval_tokens(CharTok(), str(text), seq_len=8)
     late = tmp_path / "late.txt"
     late.write_bytes(b"a" * 10000 + b"\xff")
     with pytest.raises(ValueError, match=r"late\.txt is not UTF-8 text \(byte 0xff at offset 10000\)"):
-        data.calibration_windows(CharTok(), str(late), n=1, seq_len=8)
+        corpus.calibration_windows(CharTok(), str(late), n=1, seq_len=8)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_bytes(b'{"prompt": "p", "answer": "a"}\n{"prompt": "\xe9", "answer": "a"}\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl is not UTF-8 text \(byte 0xe9 at offset 43\)"):
@@ -83,7 +83,7 @@ def test_non_utf8_text_and_jsonl_name_the_file(tmp_path):
 
 def test_no_wikitext_source_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TACQ_LITE_DATA", str(tmp_path / "nowhere"))
-    data._wikitext2_halves.cache_clear()
+    corpus._wikitext2_halves.cache_clear()
     import datasets
 
     def offline(*a, **k):
@@ -92,9 +92,9 @@ def test_no_wikitext_source_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     try:
         with pytest.raises(FileNotFoundError, match="shared/data.*load_dataset"):
-            data.source_text("wikitext2", role="calib")
+            corpus.source_text("wikitext2", role="calib")
     finally:
-        data._wikitext2_halves.cache_clear()
+        corpus._wikitext2_halves.cache_clear()
 
 
 def test_perplexity_matches_manual_nll_and_kl_is_zero_to_itself():
@@ -127,7 +127,7 @@ def test_perplexity_comes_with_a_window_bootstrap_interval():
 
 def test_bootstrap_interval_matches_the_normal_approximation():
     """For 400 draws the percentile bootstrap of the mean is close to mean ± 1.96·sd/√n."""
-    from tacq_lite.eval import bootstrap_interval, format_ppl
+    from tacq_lite.eval.lm import bootstrap_interval, format_ppl
 
     values = torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3 + 3.0
     low, high = bootstrap_interval(values)

@@ -2,9 +2,9 @@ import nbformat
 import pytest
 import torch
 
-from tacq_lite import exercises as ex
-from tacq_lite import pack, quant
-
+from tacq_lite.core import pack, quant
+from tacq_lite.course import exercises as ex
+from tacq_lite.course import student
 
 # ------------------------------------------------------------------ the reference solutions pass
 
@@ -132,13 +132,13 @@ def test_unwritten_stub_is_reported():
 
 def test_strip_solutions_keeps_indentation_and_rejects_bad_markers():
     src = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\nprint(f)"
-    out = ex.strip_solutions(src)
+    out = student.strip_solutions(src)
     assert "x + 1" not in out and '    raise NotImplementedError("exercise: write this part")' in out
     assert out.startswith("def f(x):") and out.endswith("print(f)")
     with pytest.raises(ValueError, match="without END"):
-        ex.strip_solutions("### BEGIN SOLUTION\nx = 1")
+        student.strip_solutions("### BEGIN SOLUTION\nx = 1")
     with pytest.raises(ValueError, match="without BEGIN"):
-        ex.strip_solutions("x = 1\n### END SOLUTION")
+        student.strip_solutions("x = 1\n### END SOLUTION")
 
 
 def _exercise_notebook(path):
@@ -147,7 +147,7 @@ def _exercise_notebook(path):
         "def my_score(W, G, QW):\n    ### BEGIN SOLUTION\n    return W.abs() * G.abs() * (QW - W).abs()\n"
         "    ### END SOLUTION")
     ex_cell.metadata["tags"] = ["exercise"]
-    check = nbformat.v4.new_code_cell("from tacq_lite.exercises import check_tacq_score\ncheck_tacq_score(my_score)")
+    check = nbformat.v4.new_code_cell("from tacq_lite.course.exercises import check_tacq_score\ncheck_tacq_score(my_score)")
     check.metadata["tags"] = ["check"]
     nb.cells = [nbformat.v4.new_code_cell("import torch"), ex_cell, check, nbformat.v4.new_code_cell("done = True")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -185,9 +185,9 @@ def test_student_copies_never_overwrite_without_asking(tmp_path):
     (out / "10_more.ipynb").write_text("the student's own work")
     notebooks = sorted(src.glob("*.ipynb"))
     with pytest.raises(FileExistsError, match=r"10_more\.ipynb already exists; pass --overwrite to replace it"):
-        ex.make_student_copies(notebooks, out)
+        student.make_student_copies(notebooks, out)
     assert (out / "10_more.ipynb").read_text() == "the student's own work"
     assert not (out / "09_demo.ipynb").exists()  # refused before writing anything
-    assert ex.make_student_copies(notebooks, out, overwrite=True) == {"09_demo.ipynb": 1, "10_more.ipynb": 1}
+    assert student.make_student_copies(notebooks, out, overwrite=True) == {"09_demo.ipynb": 1, "10_more.ipynb": 1}
     assert "NotImplementedError" in nbformat.read(out / "10_more.ipynb", 4).cells[1].source
     assert sorted(p.name for p in out.iterdir()) == ["09_demo.ipynb", "10_more.ipynb"]  # no temporary files left

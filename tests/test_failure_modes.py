@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tacq_lite import outliers, tacq
 from tacq_lite.config import QuantConfig
-from tacq_lite.models import tiny_llama
-from tacq_lite.qlinear import META_FILE, TENSOR_FILE, check_save_target, load_quantized, read_meta
+from tacq_lite.model.checkpoint import META_FILE, TENSOR_FILE, check_save_target, load_quantized, read_meta
+from tacq_lite.model.loading import tiny_llama
+from tacq_lite.run import score_cache, tacq
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-calib", "2", "--seq-len", "32", "--no-mse", "--eval-tokens", "256", "--quiet"]
@@ -256,7 +256,7 @@ def rewrite(path: Path, change, *, checksum: bool) -> None:
         meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
     change(tensors)
     if checksum:
-        meta[outliers.CHECKSUM_FIELD] = outliers.cache_checksum(tensors, meta[outliers.KEY_FIELD])
+        meta[score_cache.CHECKSUM_FIELD] = score_cache.cache_checksum(tensors, meta[score_cache.KEY_FIELD])
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -287,7 +287,7 @@ def test_a_damaged_cache_is_named_discarded_and_recomputed(clean, tmp_path, chan
     config = config.replace(cache_dir=str(tmp_path / "c"))
     (gfile,) = (tmp_path / "c").glob("gradients-*.safetensors")
     rewrite(gfile, change, checksum=checksum)
-    with pytest.warns(outliers.CacheWarning, match=f"score cache {gfile} is damaged .*{phrase}"):
+    with pytest.warns(score_cache.CacheWarning, match=f"score cache {gfile} is damaged .*{phrase}"):
         masks, info = run_tacq(config)
     assert info["gradients"] == "computed" and info["qw"] == "cache"
     assert all(torch.equal(masks[n], want[n]) for n in want)
@@ -304,7 +304,7 @@ def test_a_cache_that_cannot_be_written_warns_and_the_run_goes_on(clean, tmp_pat
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     config, want = clean
-    with pytest.warns(outliers.CacheWarning, match="could not write .*No space left"):
+    with pytest.warns(score_cache.CacheWarning, match="could not write .*No space left"):
         masks, info = run_tacq(config.replace(cache_dir=str(tmp_path)))
     assert all(torch.equal(masks[n], want[n]) for n in want)
     assert not list(tmp_path.iterdir())  # no temporary file left behind
@@ -342,8 +342,8 @@ def test_the_same_command_gives_a_bit_identical_model(tiny_model, tmp_path):
 
 WORKER_SCRIPT = """
 import sys, time, torch
-from tacq_lite.importance import GradientWorker
-from tacq_lite.models import tiny_llama
+from tacq_lite.run.parallel import GradientWorker
+from tacq_lite.model.loading import tiny_llama
 torch.set_num_threads(2)
 model = tiny_llama(hidden=128, intermediate=256)
 samples = torch.randint(0, 256, (100000, 64))  # far more than the test waits for

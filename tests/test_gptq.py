@@ -1,11 +1,11 @@
-"""Tests for tacq_lite.gptq: parity with a plain float64 GPTQ, error vs RTN, TaCQ's mask, bad inputs."""
+"""Tests for tacq_lite.algo.gptq: parity with a plain float64 GPTQ, error vs RTN, TaCQ's mask, bad inputs."""
 import pytest
 import torch
 from torch import nn
 
-from tacq_lite import gptq as gptq_module
-from tacq_lite import quant
-from tacq_lite.gptq import GPTQ, inverse_hessian, reconstruction_error
+from tacq_lite.algo import gptq as gptq_module
+from tacq_lite.algo.gptq import GPTQ, inverse_hessian, reconstruction_error
+from tacq_lite.core import quant
 
 
 def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:

@@ -4,8 +4,10 @@ import copy
 import pytest
 import torch
 
-from tacq_lite import data, quant, walk
-from tacq_lite.gptq import GPTQ
+from tacq_lite.algo.gptq import GPTQ
+from tacq_lite.core import quant
+from tacq_lite.data import corpus
+from tacq_lite.model import walk
 
 
 def half_trace(H, W, W_hat):
@@ -16,12 +18,12 @@ def half_trace(H, W, W_hat):
 
 @pytest.fixture(scope="module")
 def two_layer_model(embedded_gguf):
-    from tacq_lite import models
+    from tacq_lite.model import loading
 
-    model, tok = models.load_model()
+    model, tok = loading.load_model()
     small = copy.deepcopy(model)
     small.model.layers = small.model.layers[:2]  # the first two decoder layers are enough here
-    windows = data.calibration_windows(tok, "wikitext2", n=4, seq_len=128, seed=0)
+    windows = corpus.calibration_windows(tok, "wikitext2", n=4, seq_len=128, seed=0)
     return small, windows
 
 

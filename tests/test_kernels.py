@@ -3,8 +3,8 @@ and the references vs plain dense math from quant.dequantize + mask."""
 import pytest
 import torch
 
-from tacq_lite import pack as P
-from tacq_lite import quant
+from tacq_lite.core import pack as P
+from tacq_lite.core import quant
 from tacq_lite.kernels import choose_backend, dequant_matmul, dequant_weight
 from tacq_lite.kernels.dequant import dequantize_packed, dequantize_packed_ref
 from tacq_lite.kernels.gemv import gemv, gemv_ref

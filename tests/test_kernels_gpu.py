@@ -14,10 +14,10 @@ import os
 
 import pytest
 import torch
-
-from tacq_lite import pack as P
-from tacq_lite.kernels import dequant_matmul, dequant_weight
 from test_kernels import dense_final, make_layer  # tests/ is on sys.path (rootdir conftest)
+
+from tacq_lite.core import pack as P
+from tacq_lite.kernels import dequant_matmul, dequant_weight
 
 RUN_HINT = "TRITON_INTERPRET=0 pytest tests/test_kernels_gpu.py"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(

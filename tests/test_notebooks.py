@@ -100,7 +100,7 @@ def test_06_evaluation(tmp_path):
 
 @pytest.mark.slow
 def test_07_end_to_end_and_a_sweep(tmp_path):
-    from tacq_lite import sweep
+    from tacq_lite.course import sweep
 
     save = tmp_path / "saved"
     r = run("07_end_to_end.ipynb", tmp_path, method="gptq", n_calib=2, seq_len=64, evals=["wikitext2"],
@@ -119,7 +119,7 @@ def test_07_end_to_end_and_a_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_student_copies_run_and_report(tmp_path):
-    from tacq_lite.exercises import make_student_copies
+    from tacq_lite.course.student import make_student_copies
 
     names = ["01_uniform_quantization.ipynb", "02_gptq.ipynb", "03_contrastive_importance.ipynb",
              "05_triton_dequant_kernels.ipynb"]

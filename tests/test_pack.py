@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tacq_lite import pack as P
-from tacq_lite import quant
+from tacq_lite.core import pack as P
+from tacq_lite.core import quant
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

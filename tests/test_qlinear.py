@@ -6,12 +6,11 @@ import torch
 from torch import nn
 
 from tacq_lite import QuantConfig, tiny_llama
-from tacq_lite.pack import packed_cols
-from tacq_lite.experiment import quantize_model
-from tacq_lite.qlinear import (
-    FORMAT_VERSION, META_FILE, TENSOR_FILE, QuantLinear, convert_model, load_quantized, quant_linears, save_quantized,
-)
-from tacq_lite.quant import dequantize, find_params, quantize
+from tacq_lite.core.pack import packed_cols
+from tacq_lite.core.quant import dequantize, find_params, quantize
+from tacq_lite.model.checkpoint import FORMAT_VERSION, META_FILE, TENSOR_FILE, load_quantized, save_quantized
+from tacq_lite.model.qlinear import QuantLinear, convert_model, quant_linears
+from tacq_lite.run.experiment import quantize_model
 
 
 def _fake_quant_linear(rows=24, cols=40, bits=3, groupsize=-1, seed=0, keep=0.05):
@@ -117,7 +116,7 @@ def test_convert_model_keeps_the_outputs(packed_tiny):
 
 def test_the_quantizers_codes_are_packed_as_they_are(packed_tiny):
     """GPTQ's own codes go to disk; re-deriving them from the weights gives the same words off the mask."""
-    from tacq_lite.pack import unpack
+    from tacq_lite.core.pack import unpack
 
     fake, packed, result = packed_tiny
     carried = convert_model(copy.deepcopy(fake), result.grids, bits=3, masks=result.masks, codes=result.codes)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tacq_lite import quant
+from tacq_lite.core import quant
 
 
 def _w(rows=16, cols=64, seed=0):

@@ -3,7 +3,8 @@ import json
 import nbformat
 import pytest
 
-from tacq_lite import cli, sweep
+from tacq_lite import cli
+from tacq_lite.course import sweep
 
 
 @pytest.fixture

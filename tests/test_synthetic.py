@@ -4,9 +4,10 @@ import pytest
 import torch
 from fakes import BigramLM, FakeTok
 
-from tacq_lite import synthetic
-from tacq_lite.calibration import calibration_pairs
-from tacq_lite.synthetic import N_EVAL, SHOTS, TASKS, synthetic_eval, synthetic_prefix, synthetic_samples
+from tacq_lite.data import synthetic
+from tacq_lite.data.calibration import calibration_pairs
+from tacq_lite.data.synthetic import N_EVAL, SHOTS, TASKS, synthetic_prefix, synthetic_samples
+from tacq_lite.eval.synthetic import is_stop, synthetic_eval
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "synthetic"
 
@@ -53,8 +54,8 @@ def test_open_tasks_need_the_exact_answer_then_a_newline():
     table[:, tok.id("\n")] = 5.0  # the model ends every line at once: never the answer
     result = synthetic_eval(BigramLM(table), tok, tasks=["add"], limit=5, progress=False)
     assert result.accuracy == {"add": 0.0} and result.nll["add"] > 0
-    assert synthetic.is_stop(tok, tok.id("\n")) and synthetic.is_stop(tok, tok.eos_token_id)
-    assert not synthetic.is_stop(tok, tok.id(" 7"))
+    assert is_stop(tok, tok.id("\n")) and is_stop(tok, tok.eos_token_id)
+    assert not is_stop(tok, tok.id(" 7"))
 
 
 def test_bad_arguments_are_refused():
@@ -75,7 +76,7 @@ def test_synthetic_calibration_pairs_come_from_the_calib_split():
 
 @pytest.mark.slow  # ~40 forward passes of the 135M model; minutes on a busy 2-core CPU
 def test_embedded_model_is_well_above_chance(embedded_gguf):
-    from tacq_lite.models import load_model
+    from tacq_lite.model.loading import load_model
 
     model, tok = load_model()
     result = synthetic_eval(model, tok, tasks=["copy", "count", "agreement"], limit=10, progress=False)

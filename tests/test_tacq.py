@@ -1,23 +1,24 @@
-"""Tests for tacq_lite.tacq: TaCQ end to end on a tiny Llama, the score cache, selectors, errors."""
+"""Tests for tacq_lite.run.tacq: TaCQ end to end on a tiny Llama, the score cache, selectors, errors."""
 import pytest
 import torch
 
-from tacq_lite import experiment, importance, outliers, pipeline, walk
+from tacq_lite.algo import gradients, select
 from tacq_lite.config import QuantConfig
-from tacq_lite.models import tiny_llama
-from tacq_lite.pipeline import bits_report
-from tacq_lite.tacq import build_masks, compute_importance, tacq_quantize
+from tacq_lite.model import walk
+from tacq_lite.model.loading import tiny_llama
+from tacq_lite.run import experiment, passes, score_cache
+from tacq_lite.run.passes import bits_report
+from tacq_lite.run.tacq import build_masks, compute_importance, tacq_quantize
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 TOTAL = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny_llama: q, o 64x64; k, v 32x64; mlp 128x64
-
 
 
 @pytest.fixture
 def counts(monkeypatch):
     """Count backward passes (accumulate_gradients calls) and GPTQ passes."""
     seen = {"grads": 0, "squares": 0, "gptq": 0}
-    grads, gptq = importance.accumulate_gradients, pipeline.gptq_quantize
+    grads, gptq = gradients.accumulate_gradients, passes.gptq_quantize
 
     def counting_grads(*a, **kw):
         seen["grads"] += 1
@@ -28,8 +29,8 @@ def counts(monkeypatch):
         seen["gptq"] += 1
         return gptq(*a, **kw)
 
-    monkeypatch.setattr(importance, "accumulate_gradients", counting_grads)
-    monkeypatch.setattr(pipeline, "gptq_quantize", counting_gptq)
+    monkeypatch.setattr(gradients, "accumulate_gradients", counting_grads)
+    monkeypatch.setattr(passes, "gptq_quantize", counting_gptq)
     return seen
 
 
@@ -52,7 +53,7 @@ def first(tmp_path_factory):
 def test_end_to_end_keeps_exactly_k_weights(first):
     config, original, model, result, info = first
     assert sum(w.numel() for w in original.values()) == TOTAL
-    k = outliers.n_keep(TOTAL, 0.01)
+    k = select.n_keep(TOTAL, 0.01)
     assert info["gradients"] == info["qw"] == "computed" and info["n_backward"] == 4
     assert sum(result.n_kept.values()) == info["k"] == k
     assert set(result.seconds) >= {"qw", "gradients", "score", "gptq"}
@@ -87,7 +88,7 @@ def test_keep_value_original_puts_the_kept_weights_back_bit_for_bit(first):
 
 def quant_error(W, scale, zero):
     """|W − dequant(quant(W))| [rows, cols] on the (scale, zero) grid: 0 for weights on the grid."""
-    from tacq_lite import quant
+    from tacq_lite.core import quant
 
     return (W - quant.dequantize(quant.quantize(W, scale, zero, bits=3), scale, zero)).abs()
 
@@ -97,13 +98,13 @@ def test_forked_worker_overlaps_the_first_pass_and_gives_the_same_masks(first, t
     config, _, _, result1, info1 = first
     assert info1["gradient_processes"] == 1  # the test session runs torch on one thread: no worker
     threads_seen = []
-    first_pass = pipeline.gptq_quantize
+    first_pass = passes.gptq_quantize
 
     def recording_gptq(*a, **kw):
         threads_seen.append(torch.get_num_threads())
         return first_pass(*a, **kw)
 
-    monkeypatch.setattr(pipeline, "gptq_quantize", recording_gptq)
+    monkeypatch.setattr(passes, "gptq_quantize", recording_gptq)
     torch.set_num_threads(2)
     try:
         _, result2, info2 = run(config.replace(cache_dir=str(tmp_path)))
@@ -122,7 +123,7 @@ def test_new_ratio_reuses_the_cache_without_backward_or_first_gptq(first, counts
     _, result2, info = run(config.replace(ratio=0.02))
     assert counts == {"grads": 0, "squares": 0, "gptq": 1}  # only the final masked GPTQ
     assert info["gradients"] == info["qw"] == "cache"
-    assert sum(result2.n_kept.values()) == outliers.n_keep(TOTAL, 0.02)
+    assert sum(result2.n_kept.values()) == select.n_keep(TOTAL, 0.02)
     for name, m in result1.masks.items():
         assert not (m & ~result2.masks[name]).any()  # top-1 % is inside top-2 %
     # The same ratio again from the cache: the very same masks as the fresh run.
@@ -136,7 +137,7 @@ def test_selectors_without_gradients_skip_the_backward_passes(first, counts):
     assert counts["grads"] == 0 and counts["gptq"] == 1 and info["n_backward"] == 0
     model = tiny_llama()
     W = {n: lin.weight.detach().abs() for n, lin in walk.named_linears(model).items()}
-    want = outliers.select_topk(W, ratio=config.ratio)
+    want = select.select_topk(W, ratio=config.ratio)
     assert all(torch.equal(result.masks[n], want[n]) for n in want)
     _, r1, _ = run(config.replace(selector="random", seed=1))
     _, r2, _ = run(config.replace(selector="random", seed=2))
@@ -156,13 +157,13 @@ def test_fisher_adds_squares_once_then_hessian_and_owq_use_cached_stats(first, c
     assert counts["squares"] == 1 and counts["gptq"] == 0 and inputs.G2 is not None
     compute_importance(tiny_llama(), WINDOWS, config.replace(selector="fisher"), progress=False)
     assert counts["grads"] == 1  # Σg² is cached now
-    k = outliers.n_keep(TOTAL, config.ratio)
+    k = select.n_keep(TOTAL, config.ratio)
     for selector in ("hessian", "activation", "owq_columns"):
         inputs = compute_importance(tiny_llama(), WINDOWS, config, selector=selector, progress=False)
         masks = build_masks(inputs, selector=selector, ratio=0.05 if selector == "owq_columns" else config.ratio)
         kept = sum(int(m.sum()) for m in masks.values())
         if selector == "owq_columns":
-            assert 0 < kept <= outliers.n_keep(TOTAL, 0.05)
+            assert 0 < kept <= select.n_keep(TOTAL, 0.05)
             assert all(torch.equal(m.any(0), m.all(0)) for m in masks.values())  # whole columns
         else:
             assert kept == k
@@ -173,7 +174,7 @@ def test_ratio_zero_is_plain_gptq(counts, tmp_path):
     config = QuantConfig(method="tacq", ratio=0.0, n_calib=4, seq_len=32, cache_dir=str(tmp_path))
     model, result, _ = run(config)
     plain = tiny_llama()
-    pipeline.gptq_quantize(plain, WINDOWS, config, progress=False)
+    passes.gptq_quantize(plain, WINDOWS, config, progress=False)
     assert counts == {"grads": 0, "squares": 0, "gptq": 2}
     assert set(result.n_kept.values()) == {0} and result.masks == {}
     for (_, a), (_, b) in zip(walk.named_linears(model).items(), walk.named_linears(plain).items()):
@@ -182,7 +183,7 @@ def test_ratio_zero_is_plain_gptq(counts, tmp_path):
 
 def test_quantize_model_reports_kept_bits(first):
     result = experiment.quantize_model(tiny_llama(), WINDOWS, first[0], progress=False)
-    assert result.bits.n_kept == sum(result.n_kept.values()) == outliers.n_keep(TOTAL, 0.01)
+    assert result.bits.n_kept == sum(result.n_kept.values()) == select.n_keep(TOTAL, 0.01)
     assert result.bits.avg_bits > bits_report(tiny_llama(), first[0].replace(method="gptq")).avg_bits
 
 
@@ -208,6 +209,6 @@ def test_blocked_model_and_damaged_cache(tmp_path, counts):
     run(config)
     (path,) = tmp_path.glob("gradients-*.safetensors")
     path.write_bytes(path.read_bytes()[:1000])  # a damaged file: warned about, then recomputed
-    with pytest.warns(outliers.CacheWarning, match="unreadable"):
+    with pytest.warns(score_cache.CacheWarning, match="unreadable"):
         _, _, info = run(config)
     assert info["gradients"] == "computed" and counts["grads"] == 4

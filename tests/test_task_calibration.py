@@ -2,8 +2,9 @@ import pytest
 import torch
 from fakes import BigramLM, FakeTok, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
-from tacq_lite import calibration, experiment
 from tacq_lite.config import QuantConfig
+from tacq_lite.data import calibration
+from tacq_lite.run import experiment
 
 
 def test_names_that_mean_task_data():
@@ -51,5 +52,5 @@ def test_run_evals_records_task_metrics(tiny_data):
     assert metrics["mmlu"]["n"] == 2 and 0 <= metrics["mmlu"]["accuracy"] <= 1
     assert set(seconds) == {"eval_gsm8k", "eval_mmlu"}
     text = experiment.format_table([{"method": "fp", "bits": 16, "avg_bits": 16.0, "seconds_total": 1.0,
-                              "metrics": metrics}])
+                                     "metrics": metrics}])
     assert "gsm8k nll" in text and "mmlu acc" in text

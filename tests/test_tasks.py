@@ -1,8 +1,8 @@
 import pytest
 from fakes import tiny_data, write_csv, write_jsonl  # noqa: F401 (fixture)
 
-from tacq_lite import calibration, tasks
-from tacq_lite.tasks import GSM8KItem, MMLUItem, TaskSample
+from tacq_lite.data import calibration, tasks
+from tacq_lite.data.tasks import GSM8KItem, MMLUItem, TaskSample
 
 
 def test_shared_data_dir_follows_the_environment(tiny_data, monkeypatch):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from tacq_lite import walk
-from tacq_lite.models import tiny_llama
+from tacq_lite.model import walk
+from tacq_lite.model.loading import tiny_llama
 
 
 def test_named_linears_cover_attention_and_mlp():
@@ -64,7 +64,7 @@ def test_sequential_pass_sees_every_linear_in_order_and_reproduces_outputs():
 
 
 def _gptq_pass(model, windows, **kw):
-    from tacq_lite.gptq import GPTQ
+    from tacq_lite.algo.gptq import GPTQ
 
     inputs = {}
 

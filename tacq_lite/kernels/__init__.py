@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..pack import SparseKept
+from ..core.pack import SparseKept
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -1,7 +1,7 @@
 """Dequantize packed low-bit codes to a dense matrix: W = scale * (q - zero).
 
 Triton kernel, its wrapper and a pure-torch reference with the same signature. The layout is
-the one of `tacq_lite.pack` (per_word = 32 // bits codes per int32 along cols), so a single
+the one of `tacq_lite.core.pack` (per_word = 32 // bits codes per int32 along cols), so a single
 load + shift + mask decodes every bit width. Kept weights (TaCQ, arXiv 2504.07389, Sec. 3)
 overwrite the dequantized values at their positions when `kept` is given.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..pack import CODES_PER_WORD, SparseKept, check_kept, check_packed, kept_rows, unpack
-from ..quant import dequantize as dequantize_codes
+from ..core.pack import CODES_PER_WORD, SparseKept, check_kept, check_packed, kept_rows, unpack
+from ..core.quant import dequantize as dequantize_codes
 
 try:
     import triton

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pack import CODES_PER_WORD, SparseKept, check_kept, check_packed
+from ..core.pack import CODES_PER_WORD, SparseKept, check_kept, check_packed
 from .dequant import dequantize_packed_ref
 
 try:

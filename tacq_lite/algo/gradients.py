@@ -1,0 +1,227 @@
+"""Gradient saliency for TaCQ: G = Σ_samples |dL/dW| over the calibration set.
+
+Task-Circuit Quantization (Xiao et al., 2025, arXiv 2504.07389, Sec. 3.2) estimates how much
+each weight matters for the task from the gradient of the task loss. As in the authors' code,
+every calibration sample gets its own forward/backward pass (batch size 1, float32, the model
+in eval mode), and the *absolute value* of each per-sample gradient is summed: signs that
+cancel across samples would hide weights that matter a lot for some of them.
+
+Text windows [n, seq_len] are scored with next-token loss on every position. Task samples,
+(input_ids [T], loss_mask [T]) pairs, are scored only where loss_mask is True (the answer),
+so G measures the weights that produce the answer rather than the ones that model the prompt.
+The loss of a sample is the mean over its scored tokens, so every sample weighs the same.
+
+Memory design. A per-sample gradient is never stored: a `post_accumulate_grad_hook` on each
+targeted weight folds |grad| into its accumulator the moment autograd has written it and then
+frees it (p.grad = None), so at most one layer's gradient exists besides the accumulators.
+Parameters other than the targeted linears get requires_grad=False, so autograd computes no
+gradient for embeddings, norms or the LM head. What remains is
+  * the accumulators: one [rows, cols] tensor per linear (two with squares=True);
+  * the activations kept for backward: about layers × seq_len × (a few × hidden).
+For an 8B model (the authors needed three GPUs) this is 28 GiB of fp32 weights + 28 GiB of fp32
+accumulators + activations. Two knobs cut it: `accum_device="cpu"` moves the accumulators to host
+memory (one device-to-host copy per linear per sample), `accum_dtype=torch.bfloat16` halves
+them (8 significant bits: fine for ranking, but a bf16 sum of many small terms drifts; prefer
+fp32 on the CPU), and `checkpointing=True` recomputes each decoder layer in backward instead of
+keeping its activations (transformers only checkpoints in training mode, so the model is put in
+train mode with every dropout disabled for the duration).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+import warnings
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import walk
+
+LOSS_KINDS = ("auto", "all", "answer")
+
+
+class GradResult(NamedTuple):
+    G: dict[str, torch.Tensor]  # linear -> [rows, cols] Σ_samples |dL/dW|
+    G2: dict[str, torch.Tensor] | None  # linear -> [rows, cols] Σ_samples (dL/dW)² (squares=True), else None
+    n_samples: int  # forward/backward passes run
+    n_tokens: int  # predicted tokens that entered the loss, over all samples
+    seconds_per_sample: float  # wall seconds per forward+backward (GradientWorker: from its start, over all samples)
+
+
+def as_pairs(samples, loss: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalize samples to (input_ids [T], loss_mask [T]) pairs; mask True = token is scored."""
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss={loss!r} is unknown; choose one of {LOSS_KINDS}.")
+    if isinstance(samples, torch.Tensor):
+        if samples.dim() != 2 or samples.dtype != torch.long:
+            raise ValueError(f"text samples must be a LongTensor [n, seq_len], got {samples.dtype} {tuple(samples.shape)}.")
+        if loss == "answer":
+            raise ValueError("loss='answer' needs (input_ids, loss_mask) pairs; text windows have no answer span.")
+        return [(ids, torch.ones_like(ids, dtype=torch.bool)) for ids in samples]
+    pairs = []
+    for i, pair in enumerate(samples):
+        ids, mask = pair
+        if ids.dim() != 1 or ids.dtype != torch.long or mask.dtype != torch.bool or mask.shape != ids.shape:
+            raise ValueError(f"sample {i}: need input_ids LongTensor [T] and loss_mask bool [T] of the same length.")
+        if loss == "all":  # score the prompt too, as for plain text
+            mask = torch.ones_like(mask)
+        if not mask[1:].any():  # position 0 has nothing before it to predict it
+            raise ValueError(
+                f"sample {i} has no scored token after position 0 (loss_mask is empty): its loss, and so its "
+                "gradient, would be undefined. Drop it or mark its answer tokens True."
+            )
+        pairs.append((ids, mask))
+    if not pairs:
+        raise ValueError("no samples given.")
+    return pairs
+
+
+def sample_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions t >= 1 with mask[t] True (a scalar).
+
+    The LM head runs only where the loss reads it: at t - 1 for every scored token t
+    (transformers' `logits_to_keep`). On a text window that drops one position of 512; on a
+    task sample scored on its answer it drops most of the [T, vocab] logits, and with them the
+    largest tensors of the backward pass. Models whose forward lacks `logits_to_keep` get the
+    full logits, then the same rows are picked.
+    """
+    pos = mask[1:].nonzero().squeeze(1)  # [k] positions whose next token is scored
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=pos).logits[0]  # [k, vocab]
+    else:
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, pos]  # [k, vocab]
+    return F.cross_entropy(logits.float(), ids[pos + 1])  # mean over the k scored tokens
+
+
+def _blocked_error(names: Sequence[str], n_targets: int) -> RuntimeError:
+    return RuntimeError(
+        f"No gradient reached {len(names)} of {n_targets} targeted weights (e.g. {', '.join(list(names)[:3])}). "
+        "Something in the forward pass cuts them off from the loss: a module or hook that returns .detach()ed "
+        "outputs, a custom forward under torch.no_grad(), or weights that are not plain leaf tensors. Remove "
+        "the detaching hook/wrapper (or reload the model) and run again; tacq_lite sets requires_grad itself."
+    )
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; use checkpointing=False.")
+    enable()
+    model.train()  # transformers checkpoints only in training mode ...
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()  # ... but the gradients must be the eval-mode ones
+    if getattr(model.config, "attention_dropout", 0.0):
+        warnings.warn("attention_dropout > 0 is active while checkpointing; the gradients will be noisy.")
+
+
+def _disable_checkpointing(model: nn.Module) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
+@contextlib.contextmanager
+def gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointing: bool = False):
+    """Set the model up for accumulation; yields run(ids, mask) -> scored tokens, one sample each.
+
+    Inside, only the targeted weights require grad, and a hook on each folds |grad| (and grad²)
+    into G (G2) and frees the gradient. On exit the model is as it was: same requires_grad
+    flags, training mode and no .grad.
+    """
+    targets = {name: lin.weight for name, lin in walk.named_linears(model).items()}
+    device = next(iter(targets.values())).device
+    fired: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad  # [rows, cols] this sample's gradient; freed below
+            if G2 is not None:
+                G2[name].add_(g.square().to(G2[name].device))
+            # abs per sample, before summing (Sec. 3.2). add_ casts to the accumulator's dtype on the fly.
+            G[name].add_(g.abs_().to(G[name].device))
+            p.grad = None
+            fired.add(name)
+
+        return hook
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> int:
+        fired.clear()
+        lossval = sample_loss(model, ids.to(device), mask.to(device))
+        if lossval.grad_fn is None:
+            raise _blocked_error(list(targets), len(targets))
+        lossval.backward()
+        if len(fired) != len(targets):
+            raise _blocked_error([n for n in targets if n not in fired], len(targets))
+        return int(mask[1:].sum())
+
+    frozen = [n for n, p in model.named_parameters() if p.is_inference()]
+    if frozen:  # their requires_grad could neither be set nor restored
+        raise RuntimeError(
+            f"{len(frozen)} parameters (e.g. {frozen[0]}) are inference tensors, made under torch.inference_mode(), "
+            "and cannot take gradients. Load the model outside torch.inference_mode(), or replace them by "
+            "plain clones: `for p in model.parameters(): p.data = p.data.clone()` outside inference mode."
+        )
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, w in targets.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
+        model.eval()
+        if checkpointing:
+            _enable_checkpointing(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield run
+    finally:
+        for h in handles:
+            h.remove()
+        if checkpointing:
+            _disable_checkpointing(model)
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def check_float32(model: nn.Module) -> None:
+    if any(lin.weight.dtype != torch.float32 for lin in walk.named_linears(model).values()):
+        warnings.warn("TaCQ's gradients are computed in float32 (as the authors do); this model is not float32.")
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    samples: torch.Tensor | Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss: str = "auto",  # auto: "answer" for (ids, mask) pairs, "all" for text windows
+    squares: bool = False,  # also Σ g² (the Fisher diagonal of SqueezeLLM-style scores)
+    accum_dtype: torch.dtype = torch.float32,
+    accum_device: torch.device | str | None = None,  # None: beside each weight
+    checkpointing: bool = False,
+    progress: bool = True,
+) -> GradResult:
+    """One forward/backward per sample; returns Σ|g| (and Σg²) per targeted linear weight.
+
+    The model comes back unchanged: same requires_grad flags, training mode and no .grad.
+    run/parallel.py's GradientWorker shares the same passes between this process and a forked one.
+    """
+    from tqdm.auto import tqdm
+
+    pairs = as_pairs(samples, loss)
+    check_float32(model)
+    weights = {n: lin.weight for n, lin in walk.named_linears(model).items()}
+    G = {n: torch.zeros(w.shape, dtype=accum_dtype, device=accum_device or w.device) for n, w in weights.items()}
+    G2 = {n: torch.zeros_like(g) for n, g in G.items()} if squares else None
+    start, n_tokens = time.perf_counter(), 0
+    with gradient_session(model, G, G2, checkpointing=checkpointing) as run:
+        for ids, mask in tqdm(pairs, desc="gradients", disable=not progress):
+            n_tokens += run(ids, mask)
+    seconds = (time.perf_counter() - start) / len(pairs)
+    return GradResult(G, G2, len(pairs), n_tokens, seconds)
+
+

@@ -1,0 +1,156 @@
+"""Files on disk, written once: atomic writes, checksums, JSON records, output checks.
+
+Everything tacq_lite writes (run records, score caches, saved models, the model cache, sweep
+tables, student notebooks) goes through `atomic_file` or `atomic_dir`: the content is written
+under a temporary name beside its destination and renamed into place only when complete, so a
+reader never sees a half-written file and an interrupted run leaves nothing under the real name.
+`check_output_file` / `check_output_dir` run before any model is loaded, so a wrong path fails
+in a second, not after the quantization.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, data/, tacq_lite/
+
+
+def _clean(value):
+    """JSON has no NaN/Inf: store them as strings a reader can spot."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path`; once the block ends without error, rename it
+    to `path` (replacing any file there). On an error the temporary file is removed.
+
+    The temporary file already exists (empty, with the umask's usual permissions, unlike
+    mkstemp's 0600); the block writes it by name. fsync=True flushes it to disk before the rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    open(tmp, "x").close()
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; once the block ends without error, rename it
+    to `path`. On an error the temporary folder (written by this block only) is removed.
+
+    Without `replace`, an existing empty folder at `path` is replaced and a non-empty one makes the
+    rename fail (OSError). replace=True swaps out an existing `path` whatever it holds: the caller
+    must have checked that everything in it was written by tacq_lite (nothing else is ever
+    deleted). Files get the umask's usual modes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        yield tmp
+        umask = _umask()
+        for f in tmp.rglob("*"):  # mkdtemp made a private folder; give the files the user's usual modes
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        if replace and path.exists():
+            old = path.with_name(path.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (`atomic_file`); returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
+    return write_text_atomic(path, json.dumps(_clean(record), indent=2))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, what: str, target: Path) -> None:
+    """Create and remove a temporary file in `folder` (root ignores permission bits, so ask the disk)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tacq_lite-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {target}: cannot write in {folder} ({err.strerror or err}); "
+                         "choose a writable place.") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--json") -> Path:
+    """Raise ValueError unless a file can be written at `path` (missing parents are made later)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name such as {path / 'record.json'}.")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is a file, not a folder; choose another path.")
+    _probe_writable(base, what, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Raise ValueError unless `path` is, or can become, a folder that can be written."""
+    path = Path(path).expanduser()
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is a file, not a folder; choose another path.")
+    _probe_writable(base, what, path)
+    return path

@@ -1,0 +1,353 @@
+"""The experiment layer: what one run does, in order. Load, calibrate, quantize, (save), evaluate,
+and return the JSON record; or load a saved model and evaluate it.
+
+    from tacq_lite.run.experiment import run_quantize
+    record = run_quantize(QuantConfig(method="tacq", evals=("wikitext2",)))
+
+The CLI (`tacq-lite quantize` / `eval`), the notebooks and `bench/bench_quality.py` all call these
+functions; every check that can fail runs before the expensive part (the model load, the
+quantization). The record holds the whole config, every metric, the bits accounting, seconds
+per stage and the peak resident memory.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..core.bits import BitsReport
+from ..io import check_output_dir
+
+RECORD_VERSION = 1
+TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
+EVALS = ("wikitext2",) + TASK_EVALS
+
+
+@dataclass
+class QuantizeResult:
+    config: QuantConfig
+    bits: BitsReport  # average bits per targeted weight
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    layer_loss: dict[str, float] = field(default_factory=dict)  # linear -> GPTQ objective (GPTQ, TaCQ)
+    n_kept: dict[str, int] = field(default_factory=dict)  # linear -> number of kept weights (TaCQ)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> bool [rows, cols] (TaCQ)
+    info: dict = field(default_factory=dict)  # TaCQ: cache hits, backward passes, seconds per sample
+    # linear -> (scale, zero), each fp32 [rows, n_groups]: the grid the weights were rounded to,
+    # which `qlinear.QuantLinear.from_linear` needs to pack the codes.
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # linear -> uint8 codes [rows, cols] as the quantizer chose them, packed as they are (1 byte per
+    # weight held until the model is saved or the result dropped).
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def quantize_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: QuantConfig,
+    *,
+    samples=None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize `model` in place with config.method; windows: LongTensor [n, seq_len] (GPTQ's data).
+
+    samples: TaCQ's gradient samples, (input_ids [T], loss_mask [T]) pairs for task data
+    (`calibration.task_calibration`); None = the windows, loss on every token.
+    """
+    from .passes import bits_report, gptq_quantize, rtn_quantize
+    from .tacq import tacq_quantize
+
+    start = time.perf_counter()
+    if config.method == "rtn":
+        out = rtn_quantize(model, config)
+        return QuantizeResult(config, bits_report(model, config), {"quantize": time.perf_counter() - start},
+                              grids=out.grids, codes=out.codes)
+    if config.method == "gptq":
+        out = gptq_quantize(model, windows, config, progress=progress)
+        return QuantizeResult(config, bits_report(model, config), {"gptq": time.perf_counter() - start},
+                              layer_loss=out.loss, grids=out.grids, codes=out.codes)
+    if config.method == "tacq":
+        out = tacq_quantize(model, windows, config, samples=samples, progress=progress)
+        return QuantizeResult(config, bits_report(model, config, n_kept=out.n_kept), out.seconds,
+                              layer_loss=out.layer_loss, n_kept=out.n_kept, masks=out.masks, info=out.info,
+                              grids=out.grids, codes=out.codes)
+    raise ValueError(f"quantize_model quantizes; method={config.method!r} is not one of rtn, gptq, tacq.")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def check_model(model, config: QuantConfig) -> None:
+    """Fail right after loading, before any long work: damaged weights, windows beyond the context."""
+    from ..model.loading import check_finite_weights, context_length
+
+    check_finite_weights(model)
+    limit = context_length(model)
+    if limit is not None and config.seq_len > limit:
+        raise ValueError(f"--seq-len {config.seq_len} is longer than the model's context ({limit} tokens); "
+                         f"pass --seq-len {min(limit, 512)} or less.")
+
+
+def check_evals(evals) -> None:
+    """Fail before any long work on an eval name that is neither known nor an existing file."""
+    for name in evals:
+        if name not in EVALS and not Path(name).expanduser().is_file():
+            raise ValueError(f"--eval {name!r} is neither one of {', '.join(EVALS)} nor an existing text file.")
+
+
+def perplexity_streams(tok, config: QuantConfig) -> dict:
+    """{name: token stream} for the perplexity sets in config.evals (read before any long work)."""
+    from ..data import corpus
+
+    return {name: corpus.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
+            for name in config.evals if name not in TASK_EVALS}
+
+
+def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, progress: bool = True,
+              log=print) -> tuple[dict, dict]:
+    """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s})."""
+    from ..data import corpus
+    from ..eval.lm import evaluate_lm
+
+    check_evals(config.evals)
+    metrics, seconds = {}, {}
+    for name in config.evals:
+        t = time.perf_counter()
+        if name == "mmlu":
+            from ..eval.mmlu_gsm8k import mmlu_eval
+
+            r = mmlu_eval(model, tok, subjects=list(config.mmlu_subjects) or None, max_per_subject=config.mmlu_limit,
+                          progress=progress)
+            metrics[name] = {"accuracy": r.overall, "letter_nll": r.letter_nll, "categories": r.categories,
+                             "subjects": r.subjects, "n": sum(r.counts.values()),
+                             "item_right": r.item_right, "item_nll": r.item_nll}
+        elif name == "gsm8k":
+            from ..eval.mmlu_gsm8k import gsm8k_eval
+
+            r = gsm8k_eval(model, tok, limit=config.gsm8k_limit, max_new_tokens=config.gsm8k_max_new_tokens,
+                           generate=config.gsm8k_generate, progress=progress)
+            metrics[name] = {"accuracy": r.accuracy, "nll": r.nll, "n": r.n,
+                             "item_nll": [g.nll for g in r.records],
+                             "generations": [g.generation for g in r.records[:3]] if config.gsm8k_generate else []}
+        elif name == "synthetic":
+            from ..eval.synthetic import synthetic_eval
+
+            r = synthetic_eval(model, tok, limit=config.synthetic_limit, progress=progress)
+            metrics[name] = {"accuracy": sum(r.accuracy.values()) / len(r.accuracy),
+                             "nll": sum(r.nll.values()) / len(r.nll), "tasks": r.accuracy, "task_nll": r.nll,
+                             "chance": r.chance, "n": r.n,
+                             "item_nll": [v for t in r.item_nll.values() for v in t],  # every item, task by task
+                             "item_right": [v for t in r.item_right.values() for v in t]}
+        else:  # perplexity (+ KL) on WikiText-2's second half or a text file
+            tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
+            log(f"eval {name}: {tokens.numel()} tokens from "
+                f"{corpus.describe_source(name) if name == corpus.WIKITEXT2 else name}")
+            m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=reference, progress=progress,
+                            desc=f"eval {name}")
+            metrics[name] = m._asdict()
+        seconds[f"eval_{name}"] = time.perf_counter() - t
+    return metrics, seconds
+
+
+def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: bool = False, progress: bool = True,
+                 log=print) -> dict:
+    """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record."""
+    import torch
+
+    from ..data import calibration, corpus
+    from ..model.loading import load_model
+    from .passes import bits_report, float_copy
+
+    check_evals(config.evals)
+    if save is not None:
+        from ..model.checkpoint import check_save_target
+
+        if config.method == "fp":
+            raise ValueError("--save stores a quantized model; --method fp has nothing to pack.")
+        check_save_target(save, overwrite=overwrite)
+        check_output_dir(Path(save).expanduser().parent, "--save")
+    if config.cache_dir is not None and config.method == "tacq":
+        check_output_dir(config.cache_dir, "--cache-dir")
+    torch.manual_seed(config.seed)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = load_model(config.model)
+    check_model(model, config)
+    seconds["load"] = time.perf_counter() - t
+    # Check every perplexity source before any long work starts.
+    streams = perplexity_streams(tok, config)
+    reference = float_copy(model) if config.kl and streams and config.method != "fp" else None
+    windows = samples = None
+    if config.method in ("gptq", "tacq"):
+        t = time.perf_counter()
+        if calibration.is_task_calibration(config.calib):
+            windows, samples = calibration.task_calibration(tok, config.calib, n=config.n_calib, seq_len=config.seq_len,
+                                                            seed=config.seed)
+            log(f"calibration: {len(samples)} {config.calib} prompt/answer samples (loss on answers) for gradients; "
+                f"{windows.shape[0]} x {windows.shape[1]} tokens of the same data for GPTQ")
+        else:
+            windows = corpus.calibration_windows(tok, config.calib, n=config.n_calib, seq_len=config.seq_len,
+                                                 seed=config.seed)
+            log(f"calibration: {config.n_calib} x {config.seq_len} tokens from {corpus.describe_source(config.calib)}")
+        seconds["calib_data"] = time.perf_counter() - t
+    result = quantize_model(model, windows, config, samples=samples, progress=progress) \
+        if config.method != "fp" else None
+    if result is not None:
+        seconds.update(result.seconds)
+    report = result.bits if result is not None else bits_report(model, config)
+    saved = None
+    if save is not None:
+        t = time.perf_counter()
+        saved = save_packed(model, tok, result, save, overwrite=overwrite)
+        seconds["save"] = time.perf_counter() - t
+        log(f"saved {save}: {saved['files']['model.safetensors']['bytes'] / 2**20:.1f} MiB, quantized linears "
+            f"{saved['bytes']['bits_per_quantized_weight']:.3f} bits per weight on disk "
+            f"(accounting: {report.avg_bits:.3f})")
+    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
+                                      log=log)
+    seconds.update(eval_seconds)
+    record = {
+        "record_version": RECORD_VERSION,
+        "config": config.to_dict(),
+        "method": config.method,
+        "bits": config.bits if config.method != "fp" else 16,
+        "avg_bits": report.avg_bits,
+        "n_weights": report.n_weights,
+        "n_kept": report.n_kept,
+        "other_params_16bit": report.other_params,
+        "metrics": metrics,
+        "seconds": seconds,
+        "seconds_total": sum(seconds.values()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if saved is not None:
+        record["saved"] = {"path": str(save), "bytes": saved["bytes"], "files": saved["files"]}
+    if result is not None and result.layer_loss:
+        record["layer_loss"] = result.layer_loss
+    if result is not None and result.n_kept:
+        record["kept_per_layer"] = result.n_kept
+    if result is not None and result.info:
+        record["tacq"] = {k: v for k, v in result.info.items() if k != "files"}
+    return record
+
+
+def save_packed(model, tok, result, folder: str, *, overwrite: bool = False) -> dict:
+    """Pack a copy of the fake-quantized `model` into QuantLinears and save it; `model` is untouched."""
+    import copy
+
+    from ..model.checkpoint import save_quantized
+    from ..model.qlinear import convert_model
+
+    cfg = result.config
+    packed = convert_model(copy.deepcopy(model), result.grids, bits=cfg.bits, groupsize=cfg.groupsize,
+                           masks=result.masks, codes=result.codes or None)
+    info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
+    meta = save_quantized(packed, folder, tokenizer=tok, info=info, overwrite=overwrite)
+    del packed
+    return meta
+
+
+def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str, ...] = (),
+             max_new_tokens: int = 40, progress: bool = True, log=print) -> dict:
+    """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record."""
+    import torch
+
+    from ..model.loading import load_model
+
+    check_evals(config.evals)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    meta = None
+    if load is not None:
+        from ..model.checkpoint import load_quantized
+
+        model, tok, meta = load_quantized(load)
+        if tok is None:
+            raise ValueError(f"{load} holds no tokenizer files; re-save it with a tokenizer.")
+        source = meta.get("info", {}).get("config", {}).get("model", config.model)
+    else:
+        model, tok = load_model(config.model)
+        source = None
+    check_model(model, config)
+    seconds["load"] = time.perf_counter() - t
+    streams = perplexity_streams(tok, config)
+    reference = None
+    if config.kl and streams and source is not None:
+        try:
+            reference = load_model(source)[0]
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which cannot "
+                             f"be loaded: {err} Pass --no-kl to evaluate without it.") from None
+    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
+                                      log=log)
+    seconds.update(eval_seconds)
+    generations = []
+    for prompt in prompts:
+        from ..eval.continuation import greedy_generate
+
+        t = time.perf_counter()
+        with torch.no_grad():
+            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens)
+        seconds.setdefault("generate", 0.0)
+        seconds["generate"] += time.perf_counter() - t
+        generations.append({"prompt": prompt, "generation": text})
+        log(f"{prompt}{text}")
+    info = (meta or {}).get("info", {})
+    cfg = info.get("config", {})
+    record = {
+        "record_version": RECORD_VERSION,
+        "config": {**config.to_dict(), **({"loaded": str(load), "quantized_with": cfg} if load else {})},
+        "method": cfg.get("method", "fp") if load else "fp",
+        "bits": cfg.get("bits", 16) if load else 16,
+        "avg_bits": info.get("avg_bits", 16.0) if load else 16.0,
+        "metrics": metrics,
+        "generations": generations,
+        "seconds": seconds,
+        "seconds_total": sum(seconds.values()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if meta is not None:
+        record["saved"] = {"path": str(load), "bytes": meta["bytes"], "files": meta["files"]}
+    return record
+
+
+def format_table(records: list[dict]) -> str:
+    """A plain-text table: method, bits, avg bits, one column per metric, KL, seconds."""
+    cols: list[tuple[str, str, str]] = []  # (header, eval, key)
+    for e in sorted({name for r in records for name in r["metrics"]}):
+        if e in ("mmlu", "synthetic"):
+            cols += [(f"{e} acc", e, "accuracy"), (f"{e} nll", e, "letter_nll" if e == "mmlu" else "nll")]
+        elif e == "gsm8k":
+            cols += [("gsm8k acc", e, "accuracy"), ("gsm8k nll", e, "nll")]
+        else:
+            cols.append((f"ppl {e}", e, "ppl"))
+    head = ["method", "bits", "avg bits"] + [c[0] for c in cols] + ["KL", "seconds"]
+
+    def cell(r, e, k):
+        m = r["metrics"].get(e, {})
+        v = m.get(k)
+        if v is None:
+            return "-"
+        if k != "ppl":
+            return f"{v:.3f}"
+        return f"{v:.2f}" if m.get("ppl_low") is None else f"{v:.2f} [{m['ppl_low']:.2f}, {m['ppl_high']:.2f}]"
+
+    rows = []
+    for r in records:
+        kls = [m["kl"] for m in r["metrics"].values() if m.get("kl") is not None]
+        rows.append(
+            [r["method"], str(r["bits"]), f"{r['avg_bits']:.3f}"]
+            + [cell(r, e, k) for _, e, k in cols]
+            + [f"{sum(kls) / len(kls):.4f}" if kls else "-", f"{r['seconds_total']:.1f}"]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    notes = sorted({f"ppl {e}: [95 % bootstrap interval over windows], {m['n_windows']} windows × "
+                    f"{m['n_tokens'] // m['n_windows']} predicted tokens = {m['n_tokens']} tokens"
+                    for r in records for e, m in r["metrics"].items() if m.get("n_windows")})
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), *notes])

@@ -1,0 +1,242 @@
+"""Task-Circuit Quantization end to end: Q(W), gradients, scores, keep-mask, masked GPTQ.
+
+TaCQ (Xiao, Sung, Stengel-Eskin, Bansal, 2025, arXiv 2504.07389, Sec. 3), as the authors' code
+runs it (The-Inscrutable-X/TACQ at cfc4ccc; file:line):
+  1. GPTQ over a copy of the model -> Q(W) (per channel, asymmetric, MSE range search,
+     true-sequential: gptq/llama.py:156-158, scripts/examples/evaluate_llama3_8b.sh:45-52); its
+     Hessian diagonals feed the SpQR/OWQ-style selectors;
+  2. batch-size-1 fp32 backward passes of the full-precision model -> G = Σ|dL/dW|
+     (utils/gradient_attributors.py:90 batch_size=1, :23 `torch.abs(param.grad)` summed, :64/:74
+     the backward model in float32);
+  3. score = |W| · |G| · |Q(W) − W| (gradient_attributors.py:40, abs in make_quantization_configs.py:31-32;
+     or another selector, algo/selectors.py);
+  4. global top-k over every targeted linear -> keep-mask (utils/quantization_utils.py:49 over all
+     `.mlp.` and `.self_attn.` weights, utils/measurement_utils.py:87; algo/select.py);
+  5. GPTQ on the full-precision model again with the mask: kept weights are left out of the grid fit,
+     send no error and are stored at the value GPTQ's compensation moved them to (gptq/gptq.py:207,
+     269-290; `config.keep_value="original"` stores the original value instead, see algo/gptq.py).
+
+Where tacq_lite differs: with task data (`--calib gsm8k`/`mmlu`) the loss of step 2 is on the answer
+tokens only, while the authors' loss covers every token of the few-shot prompt
+(gradient_attributors.py:99, no masking function passed at measure_importances.py:47); dead input
+columns are rounded, not zeroed (their gptq/gptq.py:135).
+
+Steps 1 and 2 do not depend on each other. On a multi-core Linux CPU the backward passes start in
+a forked one-thread worker (parallel.GradientWorker) and step 1 runs on the other thread
+meanwhile; `QuantConfig.parallel=False` runs them one after the other.
+
+Steps 1-2 are the expensive ones and do not depend on the ratio or the selector, so their
+results are cached (run/score_cache.py): gradients (keyed by the model's weights and the
+calibration samples) and Q(W) with the Hessian diagonals (keyed by the weights, the windows and the
+GPTQ settings). A rerun with a new ratio or selector then runs no backward pass and no first GPTQ
+pass; a new bit width reuses the gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..algo import gradients, select, selectors
+from ..config import QuantConfig
+from ..model import walk
+from . import parallel, passes
+from .score_cache import CACHE_DTYPE, ScoreCache
+
+
+class ImportanceInputs(NamedTuple):
+    W: dict[str, torch.Tensor]  # linear -> [rows, cols] float32 copy of the full-precision weights
+    G: dict[str, torch.Tensor] | None  # [rows, cols] Σ|dL/dW| in CACHE_DTYPE, or None if not needed
+    G2: dict[str, torch.Tensor] | None  # [rows, cols] Σ(dL/dW)² in CACHE_DTYPE
+    QW: dict[str, torch.Tensor] | None  # [rows, cols] float32, W + (Q(W) − W) rounded to CACHE_DTYPE
+    H_diag: dict[str, torch.Tensor] | None  # [cols] float32 diag(H) seen by the first GPTQ pass
+    Hinv_diag: dict[str, torch.Tensor] | None  # [cols] float32 diag((H + damp·I)⁻¹)
+    meta: dict  # provenance: "cache" / "computed" per part, seconds, backward passes, cache files
+
+
+def compute_importance(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: QuantConfig,
+    *,
+    selector: str | None = None,  # None: config.selector
+    samples=None,  # gradient samples: None = the windows; or (input_ids, loss_mask) pairs
+    cache: bool = True,
+    progress: bool = True,
+) -> ImportanceInputs:
+    """Steps 1-2: everything `selector` needs (Q(W), G, Σg², Hessian diagonals), cached where possible."""
+    needs = selectors.get_selector(selector or config.selector).needs
+    samples = windows if samples is None else samples
+    store = ScoreCache(model, config, enabled=cache, log=print if progress else (lambda *_a: None))
+    meta = {"qw": "not needed", "gradients": "not needed", "seconds": {"qw": 0.0, "gradients": 0.0},
+            "n_backward": 0, "seconds_per_sample": None, "files": {}}
+    # Whether step 1 runs on one thread beside a gradient worker depends on the config and the
+    # machine only, not on the selector or on what the cache holds: the same command always rounds
+    # the same way, and every selector shares one cached Q(W).
+    with_worker = config.parallel and parallel.GradientWorker.usable(model)
+
+    # Step 2's cache is read first: when gradients must be computed and a worker can run, it starts
+    # now and works through the samples while step 1 runs here on one thread.
+    grads, job = {}, None
+    if needs & {"G", "G2"}:
+        grads = store.load(store.gradients_key(samples))
+        if needs & {"G", "G2"} - grads.keys() and with_worker:
+            job = parallel.GradientWorker(model, samples, squares="G2" in needs or "G2" in grads)
+    try:
+        qw = _step1_qw(model, windows, config, needs, store, meta, one_thread=with_worker, progress=progress)
+        if needs & {"G", "G2"}:
+            grads = _step2_gradients(model, samples, needs, grads, store, meta, job=job, progress=progress)
+    finally:
+        if job is not None:  # finished, failed or interrupted: the worker is gone and its buffer freed
+            job.cancel()
+
+    W = {n: lin.weight.detach().float().clone() for n, lin in walk.named_linears(model).items()}  # [rows, cols]
+    dev = lambda d: None if d is None else {n: d[n].to(W[n].device) for n in W}  # noqa: E731
+    E = qw.get("E")
+    QW = None if E is None or "QW" not in needs else {n: W[n] + E[n].to(W[n].device).float() for n in W}
+    return ImportanceInputs(W, dev(grads.get("G")), dev(grads.get("G2")), QW, dev(qw.get("H_diag")),
+                            dev(qw.get("Hinv_diag")), meta)
+
+
+# ---------------------------------------------------------------- steps 1 and 2, cache included
+
+STEP1_PARTS = {"QW": "E", "H_diag": "H_diag", "Hinv_diag": "Hinv_diag"}  # selector need -> cache part
+
+
+def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, one_thread: bool,
+              progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{"E": Q(W) − W, "H_diag", "Hinv_diag"}, the parts `needs` asks for (and any the cache had)."""
+    t = time.perf_counter()
+    want = {STEP1_PARTS[k] for k in needs if k in STEP1_PARTS}
+    found = {}
+    if want:
+        key = store.qw_key(windows, threads=1 if one_thread else torch.get_num_threads())
+        found = store.load(key)
+        meta["qw"] = "cache"
+        if want - found.keys():
+            meta["qw"] = "computed"
+            with parallel.single_thread() if one_thread else contextlib.nullcontext():
+                fresh = _first_pass(model, windows, config, want_qw="E" in want | found.keys(),
+                                    want_stats=bool(want & {"H_diag", "Hinv_diag"}) or "H_diag" in found,
+                                    progress=progress)
+            found.update({p: d for p, d in fresh.items() if d})
+            if store.enabled:
+                meta["files"]["qw"] = store.save(key, found)
+        else:
+            store.log(f"score cache: Q(W) from {store.path(key)}")
+    meta["seconds"]["qw"] = time.perf_counter() - t
+    return found
+
+
+def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, meta: dict, *,
+                     job: parallel.GradientWorker | None, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{"G": Σ|g|, "G2": Σg²}: from the cache (`found`), else from `job` or from backward passes here."""
+    t = time.perf_counter()
+    key = store.gradients_key(samples)
+    meta["gradients"] = "cache"
+    if needs & {"G", "G2"} - found.keys():
+        meta["gradients"] = "computed"
+        squares = "G2" in needs or "G2" in found
+        if job is not None:
+            res = job.result(progress=progress)
+            meta["gradient_processes"] = 2
+        else:
+            res = gradients.accumulate_gradients(model, samples, squares=squares, progress=progress)
+            meta["gradient_processes"] = 1
+        found = {"G": {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G.items()}}
+        if res.G2 is not None:
+            found["G2"] = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G2.items()}
+        meta["n_backward"], meta["seconds_per_sample"] = res.n_samples, res.seconds_per_sample
+        if store.enabled:
+            meta["files"]["gradients"] = store.save(key, found)
+    else:
+        store.log(f"score cache: gradients from {store.path(key)}")
+    meta["seconds"]["gradients"] = time.perf_counter() - t  # with a worker: only what was left after Q(W)
+    return found
+
+
+def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, progress: bool) -> dict:
+    """Step 1 on deep copies: {"E": {linear: Q(W) − W}, "H_diag": ..., "Hinv_diag": ...} (None where not run)."""
+    E, H, Hinv = {}, None, None
+    use_gptq_for_qw = want_qw and config.qw_method == "gptq"
+    if use_gptq_for_qw or want_stats:
+        twin = copy.deepcopy(model)
+        first = passes.gptq_quantize(twin, windows, config, progress=progress)
+        if use_gptq_for_qw:
+            E = _errors(model, twin)
+        # The Hessian diagonals come free with the pass: keep them, so the cache serves the
+        # hessian / activation / owq_columns selectors later.
+        H = {n: d.float().cpu() for n, d in first.H_diag.items()}
+        Hinv = {n: d.float().cpu() for n, d in first.Hinv_diag.items()}
+        del twin
+    if want_qw and config.qw_method == "rtn":
+        twin = copy.deepcopy(model)
+        passes.rtn_quantize(twin, config)
+        E = _errors(model, twin)
+    elif want_qw and config.qw_method != "gptq":
+        raise ValueError(f"qw_method={config.qw_method!r} is unknown; choose 'gptq' or 'rtn'.")
+    return {"E": E or None, "H_diag": H, "Hinv_diag": Hinv}
+
+
+def _errors(model: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
+    twin_linears = walk.named_linears(twin)
+    return {n: (twin_linears[n].weight.detach().float() - lin.weight.detach().float()).to(CACHE_DTYPE).cpu()
+            for n, lin in walk.named_linears(model).items()}  # [rows, cols] Q(W) − W
+
+
+def build_masks(inputs: ImportanceInputs, *, selector: str, ratio: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Steps 3-4: score every targeted weight and keep the global top ratio (bool [rows, cols])."""
+    sel = selectors.get_selector(selector)
+    gen = torch.Generator().manual_seed(seed)
+    found = {k: getattr(inputs, k) for k in sel.needs}
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        raise ValueError(f"selector {selector!r} needs {missing}; compute_importance with selector={selector!r}.")
+    s = {n: selectors.score(selector, W=W, generator=gen, **{k: v[n] for k, v in found.items()})
+         for n, W in inputs.W.items()}  # linear -> [rows, cols]
+    if sel.columns:  # every row of a column score is the same: rank columns, not weights
+        shapes = {n: tuple(W.shape) for n, W in inputs.W.items()}
+        masks = select.select_columns({n: v[0] for n, v in s.items()}, shapes=shapes, ratio=ratio)
+    else:
+        masks = select.select_topk(s, ratio=ratio)
+    return {n: m.to(inputs.W[n].device) for n, m in masks.items()}
+
+
+class TacqResult(NamedTuple):
+    """What a TaCQ run leaves besides the quantized model, per targeted linear."""
+
+    masks: dict[str, torch.Tensor]  # bool [rows, cols], True = kept in 16-bit ({} when ratio = 0)
+    n_kept: dict[str, int]  # kept weights
+    layer_loss: dict[str, float]  # GPTQ's objective in the masked pass
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (scale, zero) of the masked pass, fp32 [rows, n_groups]
+    codes: dict[str, torch.Tensor]  # uint8 [rows, cols] of the masked pass
+    seconds: dict[str, float]  # qw, gradients, score, gptq
+    info: dict  # selector, ratio, k, cache hits, backward passes, seconds per sample
+
+
+def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, *, samples=None,
+                  progress: bool = True, cache: bool = True) -> TacqResult:
+    """Steps 1-5 on `model`, in place; returns the masks and what each step measured."""
+    selectors.get_selector(config.selector)  # a typo fails before any long work
+    names = list(walk.named_linears(model))
+    seconds = {"score": 0.0}
+    if config.ratio == 0:  # nothing to keep: plain GPTQ
+        masks, inputs_meta = {}, {"seconds": {"qw": 0.0, "gradients": 0.0}}
+    else:
+        inputs = compute_importance(model, windows, config, samples=samples, progress=progress, cache=cache)
+        t = time.perf_counter()
+        masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
+        seconds["score"] = time.perf_counter() - t
+        inputs_meta = inputs.meta
+        del inputs  # W, G and Q(W) copies are not needed by the final pass
+    seconds.update(inputs_meta["seconds"])
+    t = time.perf_counter()
+    final = passes.gptq_quantize(model, windows, config, masks=masks, progress=progress)
+    seconds["gptq"] = time.perf_counter() - t
+    n_kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}
+    info = {"selector": config.selector, "ratio": config.ratio, **inputs_meta, "k": sum(n_kept.values())}
+    return TacqResult(masks, n_kept, final.loss, final.grids, final.codes, seconds, info)
