@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tacq_lite.core.pack import SparseKept, unpack_sparse
-from tacq_lite.io import write_json_atomic
-from tacq_lite.model.checkpoint import TENSOR_FILE, read_meta
+from tacq_lite.core.pack import SparseKept, unpack_sparse  # noqa: E402
+from tacq_lite.io import write_json_atomic  # noqa: E402
+from tacq_lite.model.checkpoint import TENSOR_FILE, read_meta  # noqa: E402
 
 SETTINGS = {  # name: (OMP_NUM_THREADS, extra flags)
     "1 thread": ("1", []),

@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tacq_lite.algo.gradients import accumulate_gradients
-from tacq_lite.model import walk
+from tacq_lite.algo.gradients import accumulate_gradients  # noqa: E402
+from tacq_lite.model import walk  # noqa: E402
 
 # Public architecture numbers (config.json of each model); weights are random.
 SHAPES = {

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tacq_lite.algo.gptq import GPTQ, KEEP_VALUES, reconstruction_error
-from tacq_lite.data import corpus
-from tacq_lite.model import loading, walk
+from tacq_lite.algo.gptq import GPTQ, KEEP_VALUES, reconstruction_error  # noqa: E402
+from tacq_lite.data import corpus  # noqa: E402
+from tacq_lite.model import loading, walk  # noqa: E402
 
 
 def layer_inputs(model, windows: torch.Tensor, layer_index: int) -> dict[str, torch.Tensor]:

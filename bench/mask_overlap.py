@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tacq_lite.algo.select import mask_report
-from tacq_lite.config import QuantConfig
-from tacq_lite.data import corpus
-from tacq_lite.model import loading
-from tacq_lite.run.tacq import build_masks, compute_importance
+from tacq_lite.algo.select import mask_report  # noqa: E402
+from tacq_lite.config import QuantConfig  # noqa: E402
+from tacq_lite.data import corpus  # noqa: E402
+from tacq_lite.model import loading  # noqa: E402
+from tacq_lite.run.tacq import build_masks, compute_importance  # noqa: E402
 
 
 def jaccard(a: dict, b: dict) -> float:

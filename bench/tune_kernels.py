@@ -22,10 +22,10 @@ import triton  # noqa: E402
 from bench_kernels import make_layer, rel_err  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from tacq_lite.core.pack import CODES_PER_WORD
-from tacq_lite.kernels import dequant_weight
-from tacq_lite.kernels.dequant import _dequant_kernel
-from tacq_lite.kernels.gemv import _gemv_kernel
+from tacq_lite.core.pack import CODES_PER_WORD  # noqa: E402
+from tacq_lite.kernels import dequant_weight  # noqa: E402
+from tacq_lite.kernels.dequant import _dequant_kernel  # noqa: E402
+from tacq_lite.kernels.gemv import _gemv_kernel  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 BITS, GROUPSIZE = 3, 128

@@ -38,7 +38,7 @@ class QuantConfig:
     # l. 207 and 269-290); "original" = its full-precision value (tacq_lite before 2026-11-29).
     keep_value: str = "compensated"
     # On a multi-core CPU (Linux): run the backward passes in a forked single-threaded process
-    # beside the first GPTQ pass (importance.GradientWorker). False: one after the other.
+    # beside the first GPTQ pass (run.parallel.GradientWorker). False: one after the other.
     parallel: bool = True
     # evaluation
     evals: tuple[str, ...] = ()  # "wikitext2", "mmlu", "gsm8k", "synthetic" or text files

@@ -1,7 +1,8 @@
 """Files on disk, written once: atomic writes, checksums, JSON records, output checks.
 
-Everything tacq_lite writes (run records, score caches, saved models, the model cache, sweep
-tables, student notebooks) goes through `atomic_file` or `atomic_dir`: the content is written
+Run records, score caches, saved models, the model cache, sweep tables, synthetic-task files and
+student notebooks are written through `atomic_file` or `atomic_dir` (a sweep's per-run notebook
+and results are papermill's, committed by course/sweep.py in the same way): the content is written
 under a temporary name beside its destination and renamed into place only when complete, so a
 reader never sees a half-written file and an interrupted run leaves nothing under the real name.
 `check_output_file` / `check_output_dir` run before any model is loaded, so a wrong path fails

@@ -202,7 +202,7 @@ QW_SETTINGS = ("bits", "groupsize", "sym", "mse", "blocksize", "percdamp", "acto
 
 
 class ScoreCache:
-    """The score cache of one model and config: keys, lookups and writes (no-ops when disabled).
+    """The score cache of one model and config: keys, lookups (misses when disabled) and writes.
 
     A cache file holds named parts, each {linear name: tensor}: "G" and "G2" (gradients file),
     "E" = Q(W) − W, "H_diag" and "Hinv_diag" (Q(W) file).
