@@ -327,18 +327,19 @@ def paper_task_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paper_task_paired(records: list[dict]) -> str:
-    """Each TaCQ row minus GPTQ on the same items, with the bootstrap interval of the paired differences."""
+def paper_task_paired(records: list[dict], *, against: str = "gptq") -> str:
+    """Each other row minus the row labelled `against` (GPTQ, or e.g. "tacq (wikitext2 calibration)") on the
+    same items, with the bootstrap interval of the paired differences."""
     import torch
 
     from tacq_lite.eval.lm import bootstrap_interval, paired_ppl_ratio
 
-    base = next((r for r in records if r["config"]["method"] == "gptq"), None)
-    head = "| configuration − gptq | WikiText-2 ppl ratio [95 % CI] | " + " | ".join(
+    base = next((r for r in records if _task_label(r["config"]) == against), None)
+    head = f"| configuration − {against} | WikiText-2 ppl ratio [95 % CI] | " + " | ".join(
         f"Δ {name} [95 % CI]" for name, _, _ in TASK_ITEMS) + " |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
-        if base is None or r is base:
+        if base is None or r is base or (against != "gptq" and r["config"]["method"] == "gptq"):
             continue
         q, lo, hi = paired_ppl_ratio(r["metrics"]["wikitext2"]["window_nll"], base["metrics"]["wikitext2"]["window_nll"])
         cells = [f"{q:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if lo <= 1 <= hi else " *")]
@@ -349,7 +350,7 @@ def paper_task_paired(records: list[dict]) -> str:
             cells.append(f"{d.mean():+.3f} [{dlo:+.3f}, {dhi:+.3f}]" + ("" if dlo <= 0 <= dhi else " *"))
         lines.append(f"| {_task_label(r['config'])} | " + " | ".join(cells) + " |")
     lines.append("\n`*`: the interval excludes no difference (ratio 1, Δ 0); every other cell is not distinguishable "
-                 "from GPTQ on these items.")
+                 f"from {against} on these items.")
     return "\n".join(lines)
 
 
@@ -405,6 +406,8 @@ def main() -> None:
     if args.summary and args.suite == "paper-tasks":
         print()
         print(paper_task_paired(records))
+        print()
+        print(paper_task_paired(records, against="tacq (wikitext2 calibration)"))
     elif args.summary:
         print()
         print(summary_table(records))

@@ -148,3 +148,7 @@ def test_quality_bench_task_tables_give_intervals_and_paired_differences():
     # identical items: no difference, not marked
     assert "| tacq (mmlu calibration) | 1.000 [1.000, 1.000] | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" \
         in paired
+    # against the mmlu-calibrated row instead: gsm8k calibration is 0.2 nats lower, and GPTQ is left out
+    vs = bench.paper_task_paired(recs, against="tacq (mmlu calibration)")
+    assert "| configuration − tacq (mmlu calibration) |" in vs and "| gptq |" not in vs
+    assert "| tacq (gsm8k calibration) | 0.819 [0.819, 0.819] * | +0.000 [+0.000, +0.000] | -0.200 [-0.200, -0.200] *" in vs
