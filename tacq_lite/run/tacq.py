@@ -81,15 +81,16 @@ def compute_importance(
 
     # Step 2's cache is read first: when gradients must be computed and a worker can run, it starts
     # now and works through the samples while step 1 runs here on one thread.
-    grads, job = {}, None
+    grads, gkey, job = {}, None, None
     if needs & {"G", "G2"}:
-        grads = store.load(store.gradients_key(samples))
+        gkey = store.gradients_key(samples)  # hashes every sample: computed once, used for lookup and write
+        grads = store.load(gkey)
         if needs & {"G", "G2"} - grads.keys() and with_worker:
             job = parallel.GradientWorker(model, samples, squares="G2" in needs or "G2" in grads)
     try:
         qw = _step1_qw(model, windows, config, needs, store, meta, one_thread=with_worker, progress=progress)
         if needs & {"G", "G2"}:
-            grads = _step2_gradients(model, samples, needs, grads, store, meta, job=job, progress=progress)
+            grads = _step2_gradients(model, samples, needs, grads, store, gkey, meta, job=job, progress=progress)
     finally:
         if job is not None:  # finished, failed or interrupted: the worker is gone and its buffer freed
             job.cancel()
@@ -132,11 +133,10 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
     return found
 
 
-def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, meta: dict, *,
+def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, key: dict, meta: dict, *,
                      job: parallel.GradientWorker | None, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{"G": Σ|g|, "G2": Σg²}: from the cache (`found`), else from `job` or from backward passes here."""
     t = time.perf_counter()
-    key = store.gradients_key(samples)
     meta["gradients"] = "cache"
     if needs & {"G", "G2"} - found.keys():
         meta["gradients"] = "computed"
