@@ -22,6 +22,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     d = QuantConfig()
     p.add_argument("--eval", dest="evals", action="append", default=[],
                    help=f"one of {', '.join(EVALS)} or a text file (perplexity); repeatable")
+    p.add_argument("--device", default=d.device,
+                   help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
+                   help="the model's weights (GPTQ's Hessian and solve are float32 whatever this says)")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="token cap per perplexity set")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration / perplexity window")
     p.add_argument("--mmlu-subjects", type=_names, default=d.mmlu_subjects,
@@ -66,6 +70,12 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "authors' code) or its original value")
     p.add_argument("--no-parallel", dest="parallel", action="store_false",
                    help="TaCQ: no forked worker; the backward passes run after the first GPTQ pass")
+    p.add_argument("--grad-dtype", default=d.grad_dtype, choices=("float32", "bfloat16"),
+                   help="TaCQ: precision of the backward passes (float32 as the authors' code)")
+    p.add_argument("--accum-device", default=None, choices=("cpu",),
+                   help="TaCQ: sum the gradients in host memory instead of beside each weight (GPU memory)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="TaCQ: recompute each decoder layer in backward instead of keeping its activations")
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
     p.add_argument("--save", default=None, help="save the quantized model here, packed (load it with `eval --load`)")
     p.add_argument("--overwrite", action="store_true", help="--save may replace a tacq_lite model saved there")
@@ -80,6 +90,11 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["budget"]:  # the byte budget has its own parser (python -m tacq_lite.run.budget)
+        from .run.budget import main as budget_main
+
+        return budget_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tacq-lite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save it packed")
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--notebook", default=None, help="notebook to run (default: notebooks/07_end_to_end.ipynb)")
     w.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     w.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    sub.add_parser("budget", help="predict peak host / GPU memory of a run before starting it (see --help)",
+                   add_help=False)
     st = sub.add_parser("student", help="write student copies of the notebooks, solutions removed")
     st.add_argument("notebooks", nargs="*", help="notebooks (default: every notebook in notebooks/ with exercises)")
     st.add_argument("--out", required=True, help="folder for the student copies")

@@ -25,6 +25,12 @@ class QuantConfig:
     n_calib: int = 64  # windows; the paper uses 128, 64 keeps a CPU run near 10 minutes
     seq_len: int = 512  # tokens per calibration / evaluation window
     seed: int = 0
+    # where and in what precision (model/placement.py)
+    device: str = "auto"  # compute device: auto (a CUDA GPU if visible, else the CPU), cpu, cuda or cuda:N
+    dtype: str = "float32"  # the model's weights: float32, bfloat16 or float16 (GPTQ's solve is float32 always)
+    grad_dtype: str = "float32"  # TaCQ's backward passes (float32 as the authors); bfloat16 halves their memory
+    accum_device: str | None = None  # where G = Σ|g| is summed: None = beside each weight, or "cpu" (host memory)
+    checkpointing: bool = False  # recompute each decoder layer in backward instead of keeping its activations
     # GPTQ
     blocksize: int = 128  # columns per lazy-batch block (Frantar et al., Sec. 3)
     percdamp: float = 0.01  # damping = percdamp * mean(diag(H))
@@ -76,6 +82,14 @@ class QuantConfig:
         from .algo.selectors import get_selector
         from .core.quant import check_bits
 
+        from .model.placement import check_device_name, resolve_dtype
+
+        check_device_name(self.device)
+        resolve_dtype(self.dtype)
+        if self.accum_device not in (None, "cpu"):
+            raise ValueError(f"accum_device={self.accum_device!r}: None (beside each weight) or 'cpu'.")
+        if self.grad_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"grad_dtype={self.grad_dtype!r} is unknown; choose float32 (as the authors) or bfloat16.")
         check_bits(self.bits)
         check_keep_value(self.keep_value)
         get_selector(self.selector)  # an unknown name fails here, whatever the method

@@ -152,3 +152,17 @@ def test_quality_bench_task_tables_give_intervals_and_paired_differences():
     vs = bench.paper_task_paired(recs, against="tacq (mmlu calibration)")
     assert "| configuration − tacq (mmlu calibration) |" in vs and "| gptq |" not in vs
     assert "| tacq (gsm8k calibration) | 0.819 [0.819, 0.819] * | +0.000 [+0.000, +0.000] | -0.200 [-0.200, -0.200] *" in vs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_bench_runs_the_whole_pipeline_on_the_cpu(tmp_path, dtype):
+    """bench_gpu.py's stages (first pass + gradients, scoring, masked pass) on a tiny random Llama."""
+    bench = load("bench_gpu")
+    rc = bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", dtype, "--n-calib", "2", "--seq-len", "16",
+                     "--ratio", "0.01", "--out", str(tmp_path)])
+    assert rc == 0
+    rec = json.loads((tmp_path / f"tiny_{dtype}.json").read_text())
+    assert set(rec["seconds"]) >= {"load", "qw", "gradients", "score", "masked_gptq"}
+    assert rec["n_kept"] == round(0.01 * 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192))
+    assert rec["predicted"]["peak_device_gib"] == 0 and rec["peak_host_gib"] > 0
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path)]) == 2

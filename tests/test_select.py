@@ -49,8 +49,28 @@ def test_kth_largest_is_exact():
     # A sample that misses the large values sets the bound too high: it is lowered until it holds.
     x = torch.ones(1000)
     x[::10] = 5.0  # exactly the entries a stride-10 sample sees
-    t, cand = select._candidates([x], 150, sample_size=100)
+    t, cand = select._candidates(lambda: iter([x]), 1000, 150, sample_size=100)
     assert t == 1.0 and sum(len(i) for i, _ in cand) == 1000
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.003, 0.05, 0.5])
+def test_streaming_topk_equals_in_memory(ratio):
+    """Scores made one linear at a time (and dropped) give select_topk's masks, ties included."""
+    s = random_scores()
+    s["model.layers.0.mlp.down_proj"] = (s["model.layers.0.mlp.down_proj"] * 4).round()  # many ties
+    calls = []
+
+    def score_of(name):
+        calls.append(name)
+        return s[name].clone()
+
+    streamed = select.select_topk_streaming(score_of, {n: tuple(v.shape) for n, v in s.items()}, ratio=ratio)
+    want = select_topk(s, ratio=ratio)
+    assert all(torch.equal(streamed[n], want[n]) for n in s)
+    assert ratio == 0 or calls[: len(s)] == list(s)  # one linear after the other, in order
+    with pytest.raises(ValueError, match="finite"):
+        select.select_topk_streaming(lambda n: torch.full(s[n].shape, float("nan")),
+                                     {n: tuple(v.shape) for n, v in s.items()}, ratio=0.1)
 
 
 def test_ties_are_broken_by_global_flat_index():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -43,43 +43,77 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     return flat
 
 
-def _candidates(flat: list[torch.Tensor], k: int, sample_size: int = 1 << 20):
+def _candidates(flat_of: Callable[[], Iterable[torch.Tensor]], total: int, k: int, sample_size: int = 1 << 20):
     """(t, [(idx, vals)] per tensor): t is the k-th largest value; idx [c] (ascending flat
     indices) and vals [c] hold every entry >= a bound t0 <= t, so also every entry >= t.
 
+    flat_of() yields the flat score tensors, in order, each time it is called: a list's iterator,
+    or a generator that computes one linear's scores at a time (so the scores of all linears
+    never exist at once; it is called twice or more and must yield the same values each time).
     A strided sample sets t0 so that about 3k entries lie above it; if fewer than k do, t0 is
     lowered (down to 0 = everything). Only the speed depends on the sample, never the result.
     """
-    total = sum(s.numel() for s in flat)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} must be in [1, {total}].")
     stride = max(1, total // sample_size)
-    sample = torch.cat([s[::stride].cpu() for s in flat])  # [m] about sample_size values
+    sample = torch.cat([s[::stride].cpu() for s in flat_of()])  # [m] about sample_size values
     j = 3 * k * sample.numel() // total + 16  # sample entries expected above the bound
     while True:
         t0 = sample.topk(j).values[-1].item() if j < sample.numel() else 0.0
-        idx = [(s >= t0).nonzero()[:, 0] for s in flat]  # [c_i] one pass per tensor
-        if sum(i.numel() for i in idx) >= k:
+        cand = []
+        for s in flat_of():  # one pass per tensor
+            i = (s >= t0).nonzero()[:, 0]
+            cand.append((i, s[i]))
+        if sum(i.numel() for i, _ in cand) >= k:
             break
         j *= 4
-    cand = [(i, s[i]) for i, s in zip(idx, flat)]
     vals = torch.cat([v.cpu() for _, v in cand])  # [c] a few times k
     return vals.kthvalue(vals.numel() - k + 1).values.item(), cand
 
 
 def kth_largest(scores: list[torch.Tensor], k: int) -> float:
     """The k-th largest value over all tensors (1 <= k <= total), each float32 >= 0."""
-    return _candidates([s.float().reshape(-1) for s in scores], k)[0]
+    flat = [s.float().reshape(-1) for s in scores]
+    return _candidates(lambda: iter(flat), sum(s.numel() for s in flat), k)[0]
 
 
 def select_topk(scores: Mapping[str, torch.Tensor], *, ratio: float) -> dict[str, torch.Tensor]:
     """Global top-k keep-masks {name: bool [rows, cols]} over all linears (True = keep in 16-bit)."""
     flat = _check_scores(scores)
-    k = n_keep(sum(s.numel() for s in flat), ratio)
-    masks = {name: torch.zeros(s.shape, dtype=torch.bool, device=s.device) for name, s in scores.items()}
+    shapes = {name: tuple(s.shape) for name, s in scores.items()}
+    return _topk_masks(lambda: iter(flat), shapes, [s.device for s in flat], ratio)
+
+
+def select_topk_streaming(score_of: Callable[[str], torch.Tensor], shapes: Mapping[str, tuple[int, int]], *,
+                          ratio: float) -> dict[str, torch.Tensor]:
+    """select_topk's masks, with the scores made one linear at a time by score_of(name) and dropped.
+
+    score_of is called two or more times per linear (in the order of `shapes`) and must return the
+    same tensor each time; the masks equal select_topk's on the same scores, ties included. Peak
+    memory: one linear's scores, the candidates (a few times k) and the masks (1 byte per weight).
+    """
+    names = list(shapes)
+    devices = {}
+
+    def flat_of():
+        for name in names:
+            s = score_of(name)
+            if tuple(s.shape) != tuple(shapes[name]):
+                raise ValueError(f"score_of({name!r}) has shape {tuple(s.shape)}, expected {tuple(shapes[name])}.")
+            devices[name] = s.device
+            yield _check_scores({name: s})[0]
+
+    return _topk_masks(flat_of, shapes, devices, ratio)
+
+
+def _topk_masks(flat_of, shapes: Mapping[str, tuple], devices, ratio: float) -> dict[str, torch.Tensor]:
+    total = sum(math.prod(shape) for shape in shapes.values())
+    k = n_keep(total, ratio)
     if k == 0:
-        return masks
-    t, cand = _candidates(flat, k)
+        return {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
+    t, cand = _candidates(flat_of, total, k)
+    devices = devices if isinstance(devices, list) else [devices[n] for n in shapes]
+    masks = {name: torch.zeros(shape, dtype=torch.bool, device=d) for (name, shape), d in zip(shapes.items(), devices)}
     need = k - sum(int((v > t).sum()) for _, v in cand)  # ties at t still to take, 1 or more
     for m, (idx, v) in zip(masks.values(), cand):
         tied = idx[v == t][:need]  # ascending flat index: the lowest go first

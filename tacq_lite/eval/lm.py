@@ -15,6 +15,7 @@ seeds, which benchmarks vary separately.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -96,29 +97,91 @@ def _windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return tokens[: n * seq_len].view(n, seq_len)  # [n, seq_len]
 
 
+def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[seq_len − 1, vocab] float32 next-token log-probabilities of one window ids [1, seq_len]."""
+    return F.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), dim=-1)
+
+
+class ReferenceLogprobs:
+    """The full-precision model's log-probabilities on a stream's windows, kept on disk for KL.
+
+    KL(P_fp || P_q) needs the reference's whole next-token distribution at every position. Instead
+    of keeping a second model in memory while the first is quantized, they are computed once,
+    before quantizing, and written to a private temporary folder, one safetensors file per window
+    ([seq_len − 1, vocab] float32: (seq_len − 1) × vocab × 4 bytes each, 100 MB for a 512-token window
+    of a 49,152-token vocabulary). evaluate_lm reads one window at a time. The values are the ones the
+    model would give again, so KL and the reference perplexity are the same, bit for bit, as with
+    the model itself. `close()` (or leaving a `with` block) deletes the folder.
+    """
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, seq_len: int, folder: str | None = None,
+                 progress: bool = True, desc: str = "reference"):
+        import tempfile
+
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        self.windows = _windows(tokens, seq_len).clone()  # [n, seq_len]
+        self._dir = tempfile.TemporaryDirectory(prefix="tacq_lite-reference-", dir=folder)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for i, window in enumerate(tqdm(self.windows, desc=desc, disable=not progress, leave=False)):
+                logp = _logprobs(model, window[None].to(device))  # [seq_len − 1, vocab]
+                save_file({"logp": logp.cpu().contiguous()}, self._path(i))
+
+    def _path(self, i: int) -> str:
+        return f"{self._dir.name}/window-{i:05d}.safetensors"
+
+    def logprobs(self, i: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[seq_len − 1, vocab] float32 log-probabilities of window i."""
+        from safetensors.torch import load_file
+
+        return load_file(self._path(i))["logp"].to(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return sum(f.stat().st_size for f in Path(self._dir.name).iterdir())
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @torch.no_grad()
 def evaluate_lm(
     model: nn.Module,
     tokens: torch.Tensor,
     *,
     seq_len: int,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceLogprobs | None = None,
     progress: bool = True,
     desc: str = "eval",
 ) -> LMMetrics:
-    """Perplexity of `model` on a token stream [T]; with `reference`, also KL and its perplexity."""
+    """Perplexity of `model` on a token stream [T]; with `reference` (the full-precision model, or
+    its ReferenceLogprobs on the same windows), also KL and its perplexity."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    windows = _windows(tokens, seq_len)  # [n, seq_len]
+    if isinstance(reference, ReferenceLogprobs) and not torch.equal(reference.windows, windows):
+        raise ValueError("the reference log-probabilities were computed on other windows; compute them on the same "
+                         "tokens and seq_len as this evaluation.")
     kl_sum, ref_sum, count = 0.0, 0.0, 0
     window_nll = []
-    for window in tqdm(_windows(tokens, seq_len), desc=desc, disable=not progress, leave=False):
+    for i, window in enumerate(tqdm(windows, desc=desc, disable=not progress, leave=False)):
         ids = window[None].to(device)  # [1, seq_len]
-        logp = F.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), dim=-1)  # [seq_len-1, vocab]
+        logp = _logprobs(model, ids)  # [seq_len-1, vocab]
         target = ids[0, 1:]  # [seq_len-1]
         window_nll.append(-logp.gather(1, target[:, None]).mean().item())
         if reference is not None:
-            ref_logp = F.log_softmax(reference(ids, use_cache=False).logits[0, :-1].float(), dim=-1)
+            ref_logp = reference.logprobs(i, device) if isinstance(reference, ReferenceLogprobs) \
+                else _logprobs(reference, ids)
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             ref_sum += -ref_logp.gather(1, target[:, None]).sum().item()
         count += target.numel()

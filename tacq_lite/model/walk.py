@@ -13,10 +13,13 @@ per window; any other layer is re-run from its input for each sub-group.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 from torch import nn
+
+from . import placement
 
 # True-sequential sub-groups of one decoder layer, in execution order.
 SEQUENTIAL_GROUPS = (
@@ -88,12 +91,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, *,
+                          device: torch.device | None = None) -> tuple[list[torch.Tensor], dict]:
     """Run the model up to decoder layer 0 for each window.
 
     windows: LongTensor [n, seq_len]. Returns (hidden states, one [1, seq_len, hidden] each,
     the keyword arguments layer 0 received: position embeddings, mask, ...), shared by all
-    windows since they have the same length.
+    windows since they have the same length. device: where the modules before layer 0
+    (embeddings, rotary tables) run, moved there for the duration (None: where layer 0 is).
     """
     layer0 = decoder_layers(model)[0]
     inps: list[torch.Tensor] = []
@@ -106,13 +111,17 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list
         raise _Stop
 
     handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
+    before = placement.outside_layers(model, decoder_layers(model))
+    device = next(decoder_layers(model)[0].parameters()).device if device is None else torch.device(device)
     try:
-        for window in windows:
-            try:
-                model(window[None].to(device), use_cache=False)
-            except _Stop:
-                pass
+        with contextlib.ExitStack() as stack:
+            for m in before:
+                stack.enter_context(placement.onloaded(m, device))
+            for window in windows:
+                try:
+                    model(window[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     kwargs.pop("past_key_values", None)
@@ -204,6 +213,8 @@ def sequential_pass(
     finish: Callable[[str, nn.Linear, object], None],
     progress: bool = True,
     staged: bool | None = None,
+    device: torch.device | str | None = None,
+    after_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """True-sequential layer-by-layer pass (GPTQ's driver), generic in the per-linear work.
 
@@ -220,42 +231,55 @@ def sequential_pass(
     linear of the sub-group gets add_batch and the others copy from it. Memory: one layer's
     activations for all windows, at most [n, seq_len, hidden] three times plus
     [n, seq_len, intermediate] once.
+
+    device: the compute device (None: where the layers are). Sequential onloading: each layer is
+    moved there, worked on and moved back (placement.onloaded), so the device holds one layer
+    and the activations, never the model. after_layer(i, layer), if given, runs once layer i's
+    outputs for the next layer are computed, while it is still on the compute device.
     """
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    inps, kwargs = capture_layer0_inputs(model, windows)
+    device = None if device is None else torch.device(device)
+    inps, kwargs = capture_layer0_inputs(model, windows, device=device)
     stageable: dict[tuple, bool] = {}  # checked once per layer class and forward function
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress)):
-        linears = layer_linears(layer)
+        with placement.onloaded(layer, device):
+            inps = _layer_pass(i, layer, inps, kwargs, make_stats, finish, staged, stageable)
+            if after_layer is not None:
+                after_layer(i, layer)
 
-        def quantize_group(group, inputs, shared=False, i=i, linears=linears):
-            stats = {name: make_stats(f"model.layers.{i}.{name}", linears[name]) for name in group}
-            # In the staged way every linear of a sub-group reads one tensor; stats objects that
-            # can copy another's (GPTQ's Hessian) are fed once.
-            share = shared and all(hasattr(stats[n], "copy_stats_from") for n in group)
-            fed = group[:1] if share else group
-            for window in inputs:
-                for name in fed:
-                    stats[name].add_batch(window[name])
-            for name in group[1:] if share else ():
-                stats[name].copy_stats_from(stats[group[0]])
-            for name in group:
-                finish(f"model.layers.{i}.{name}", linears[name], stats[name])
 
-        kind = (type(layer), getattr(layer.forward, "__func__", layer.forward))  # a patched forward is its own kind
-        if staged is not False and kind not in stageable:
-            stageable[kind] = _can_stage(layer, inps[0], kwargs)
-        use_stages = staged is not False and stageable[kind]
-        if staged and not use_stages:
-            raise NotImplementedError(
-                f"decoder layer {i} ({type(layer).__name__}) does not follow the Llama layout "
-                "(norm, attention, residual, norm, gated MLP, residual); pass staged=None."
-            )
-        if use_stages:
-            inps = _staged_layer(layer, inps, kwargs, quantize_group)
-            continue
-        for group in SEQUENTIAL_GROUPS:
-            watch = {name: linears[name] for name in group}
-            quantize_group(group, (_inputs_of(lambda x=x: layer(x, **kwargs), watch) for x in inps))
-        inps = [_layer_output(layer(x, **kwargs)) for x in inps]  # quantized outputs feed layer i+1
+def _layer_pass(i, layer, inps, kwargs, make_stats, finish, staged, stageable) -> list[torch.Tensor]:
+    """sequential_pass on decoder layer i; returns its outputs (the next layer's inputs)."""
+    linears = layer_linears(layer)
+
+    def quantize_group(group, inputs, shared=False, i=i, linears=linears):
+        stats = {name: make_stats(f"model.layers.{i}.{name}", linears[name]) for name in group}
+        # In the staged way every linear of a sub-group reads one tensor; stats objects that
+        # can copy another's (GPTQ's Hessian) are fed once.
+        share = shared and all(hasattr(stats[n], "copy_stats_from") for n in group)
+        fed = group[:1] if share else group
+        for window in inputs:
+            for name in fed:
+                stats[name].add_batch(window[name])
+        for name in group[1:] if share else ():
+            stats[name].copy_stats_from(stats[group[0]])
+        for name in group:
+            finish(f"model.layers.{i}.{name}", linears[name], stats[name])
+
+    kind = (type(layer), getattr(layer.forward, "__func__", layer.forward))  # a patched forward is its own kind
+    if staged is not False and kind not in stageable:
+        stageable[kind] = _can_stage(layer, inps[0], kwargs)
+    use_stages = staged is not False and stageable[kind]
+    if staged and not use_stages:
+        raise NotImplementedError(
+            f"decoder layer {i} ({type(layer).__name__}) does not follow the Llama layout "
+            "(norm, attention, residual, norm, gated MLP, residual); pass staged=None."
+        )
+    if use_stages:
+        return _staged_layer(layer, inps, kwargs, quantize_group)
+    for group in SEQUENTIAL_GROUPS:
+        watch = {name: linears[name] for name in group}
+        quantize_group(group, (_inputs_of(lambda x=x: layer(x, **kwargs), watch) for x in inps))
+    return [_layer_output(layer(x, **kwargs)) for x in inps]  # quantized outputs feed layer i+1

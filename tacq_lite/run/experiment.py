@@ -21,7 +21,9 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..core.bits import BitsReport
+from ..eval.lm import ReferenceLogprobs
 from ..io import check_output_dir
+from ..model import placement
 
 RECORD_VERSION = 1
 TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
@@ -58,6 +60,7 @@ def quantize_model(
     samples: TaCQ's gradient samples, (input_ids [T], loss_mask [T]) pairs for task data
     (`calibration.task_calibration`); None = the windows, loss on every token.
     """
+    from ..model.placement import resolve_device
     from .passes import bits_report, gptq_quantize, rtn_quantize
     from .tacq import tacq_quantize
 
@@ -67,7 +70,7 @@ def quantize_model(
         return QuantizeResult(config, bits_report(model, config), {"quantize": time.perf_counter() - start},
                               grids=out.grids, codes=out.codes)
     if config.method == "gptq":
-        out = gptq_quantize(model, windows, config, progress=progress)
+        out = gptq_quantize(model, windows, config, device=resolve_device(config.device), progress=progress)
         return QuantizeResult(config, bits_report(model, config), {"gptq": time.perf_counter() - start},
                               layer_loss=out.loss, grids=out.grids, codes=out.codes)
     if config.method == "tacq":
@@ -76,6 +79,63 @@ def quantize_model(
                               layer_loss=out.layer_loss, n_kept=out.n_kept, masks=out.masks, info=out.info,
                               grids=out.grids, codes=out.codes)
     raise ValueError(f"quantize_model quantizes; method={config.method!r} is not one of rtn, gptq, tacq.")
+
+
+def compute_placement(config: QuantConfig) -> tuple[torch.device, torch.dtype]:
+    """(compute device, model dtype) for config, checked on this machine: a missing GPU, a GPU index
+    beyond the machine's or float16 on the CPU is a ValueError before anything is loaded."""
+    device, dtype = placement.resolve_device(config.device), placement.resolve_dtype(config.dtype)
+    placement.check_dtype_on(dtype, device)
+    return device, dtype
+
+
+def check_memory(config: QuantConfig, device: torch.device) -> None:
+    """Before loading: a ValueError naming the stage and what to change when the byte budget
+    (run/budget.py) says the run cannot fit this machine's free memory. A model whose config
+    cannot be read without loading it is not checked here."""
+    from . import budget
+    from .parallel import GradientWorker
+
+    if config.method not in ("gptq", "tacq"):
+        return
+    try:
+        shape = budget.model_shape("smollm2-135m" if config.model == "embedded" else config.model)
+    except ValueError:
+        return
+    n_eval = sum(config.eval_tokens // config.seq_len for e in config.evals if e not in TASK_EVALS) if config.kl else 0
+    worker = config.method == "tacq" and config.parallel and device.type == "cpu" and not config.checkpointing \
+        and torch.get_num_threads() >= 2 and GradientWorker.usable(torch.nn.Linear(1, 1))
+    bud = budget.budget(shape, dtype=config.dtype, device=device.type, grad_dtype=config.grad_dtype,
+                        accum_device=config.accum_device, checkpointing=config.checkpointing, n_calib=config.n_calib,
+                        seq_len=config.seq_len, n_eval=n_eval, method=config.method, worker=worker)
+    budget.check_fits(bud)
+
+
+def environment(device: torch.device) -> dict:
+    """What a record needs to be reproduced: library versions, git commit, device, threads, command."""
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from ..io import PACKAGE_ROOT
+
+    versions = {"python": platform.python_version()}
+    for lib in ("torch", "transformers", "triton", "accelerate", "tacq_lite"):
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    commit = None
+    if (PACKAGE_ROOT / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=10)
+            commit = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"versions": versions, "git_commit": commit, **placement.device_info(device),
+            "command": " ".join(sys.argv)}
 
 
 def peak_rss_mb() -> float:
@@ -110,7 +170,9 @@ def perplexity_streams(tok, config: QuantConfig) -> dict:
 
 def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, progress: bool = True,
               log=print) -> tuple[dict, dict]:
-    """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s})."""
+    """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s}).
+
+    reference (for KL): the full-precision model, or {perplexity set: its ReferenceLogprobs}."""
     from ..data import corpus
     from ..eval.lm import evaluate_lm
 
@@ -147,7 +209,8 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
             tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
             log(f"eval {name}: {tokens.numel()} tokens from "
                 f"{corpus.describe_source(name) if name == corpus.WIKITEXT2 else name}")
-            m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=reference, progress=progress,
+            ref = reference.get(name) if isinstance(reference, dict) else reference
+            m = evaluate_lm(model, tokens, seq_len=config.seq_len, reference=ref, progress=progress,
                             desc=f"eval {name}")
             metrics[name] = m._asdict()
         seconds[f"eval_{name}"] = time.perf_counter() - t
@@ -159,11 +222,11 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
     """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record."""
     import torch
 
-    from ..data import calibration, corpus
     from ..model.loading import load_model
-    from .passes import bits_report, float_copy
 
     check_evals(config.evals)
+    device, _ = compute_placement(config)  # a GPU that is not there fails before anything is loaded
+    check_memory(config, device)  # so does a run the byte budget says cannot fit
     if save is not None:
         from ..model.checkpoint import check_save_target
 
@@ -173,15 +236,36 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         check_output_dir(Path(save).expanduser().parent, "--save")
     if config.cache_dir is not None and config.method == "tacq":
         check_output_dir(config.cache_dir, "--cache-dir")
+    dtype = placement.resolve_dtype(config.dtype)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(config.model)
+    model, tok = load_model(config.model, dtype=dtype)
     check_model(model, config)
     seconds["load"] = time.perf_counter() - t
     # Check every perplexity source before any long work starts.
     streams = perplexity_streams(tok, config)
-    reference = float_copy(model) if config.kl and streams and config.method != "fp" else None
+    references = {}
+    try:
+        if config.kl and streams and config.method != "fp":
+            t = time.perf_counter()
+            with placement.placed(model, device):
+                references = {name: ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
+                                                      desc=f"reference {name}") for name, tokens in streams.items()}
+            seconds["reference"] = time.perf_counter() - t
+        record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
+                                        overwrite=overwrite, progress=progress, log=log)
+    finally:
+        for r in references.values():
+            r.close()
+    return record
+
+
+def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite, progress,
+                           log) -> dict:
+    from ..data import calibration, corpus
+    from .passes import bits_report
+
     windows = samples = None
     if config.method in ("gptq", "tacq"):
         t = time.perf_counter()
@@ -208,8 +292,9 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         log(f"saved {save}: {saved['files']['model.safetensors']['bytes'] / 2**20:.1f} MiB, quantized linears "
             f"{saved['bytes']['bits_per_quantized_weight']:.3f} bits per weight on disk "
             f"(accounting: {report.avg_bits:.3f})")
-    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
-                                      log=log)
+    with placement.placed(model, device):
+        metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,
+                                          progress=progress, log=log)
     seconds.update(eval_seconds)
     record = {
         "record_version": RECORD_VERSION,
@@ -224,7 +309,10 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
         "peak_rss_mb": peak_rss_mb(),
+        "environment": environment(device),
     }
+    if references:
+        record["reference_bytes_on_disk"] = sum(r.nbytes for r in references.values())
     if saved is not None:
         record["saved"] = {"path": str(save), "bytes": saved["bytes"], "files": saved["files"]}
     if result is not None and result.layer_loss:
@@ -237,29 +325,33 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
 
 
 def save_packed(model, tok, result, folder: str, *, overwrite: bool = False) -> dict:
-    """Pack a copy of the fake-quantized `model` into QuantLinears and save it; `model` is untouched."""
-    import copy
+    """Pack the fake-quantized `model` into QuantLinears and save it; `model` comes back as it was.
 
+    The linears are swapped for packed QuantLinears in place (each a few bits per weight) and
+    swapped back after saving, so saving needs no second copy of the model."""
+    from ..model import walk
     from ..model.checkpoint import save_quantized
     from ..model.qlinear import convert_model
 
     cfg = result.config
-    packed = convert_model(copy.deepcopy(model), result.grids, bits=cfg.bits, groupsize=cfg.groupsize,
-                           masks=result.masks, codes=result.codes or None)
-    info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
-    meta = save_quantized(packed, folder, tokenizer=tok, info=info, overwrite=overwrite)
-    del packed
-    return meta
+    originals = walk.named_linears(model)  # swapped back after saving: no copy of the model is made
+    try:
+        convert_model(model, result.grids, bits=cfg.bits, groupsize=cfg.groupsize, masks=result.masks,
+                      codes=result.codes or None)
+        info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
+        return save_quantized(model, folder, tokenizer=tok, info=info, overwrite=overwrite)
+    finally:
+        for name, linear in originals.items():
+            walk.set_module(model, name, linear)
 
 
 def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str, ...] = (),
              max_new_tokens: int = 40, progress: bool = True, log=print) -> dict:
     """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record."""
-    import torch
-
     from ..model.loading import load_model
 
     check_evals(config.evals)
+    device, dtype = compute_placement(config)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     meta = None
@@ -271,32 +363,31 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
             raise ValueError(f"{load} holds no tokenizer files; re-save it with a tokenizer.")
         source = meta.get("info", {}).get("config", {}).get("model", config.model)
     else:
-        model, tok = load_model(config.model)
+        model, tok = load_model(config.model, dtype=dtype)
         source = None
     check_model(model, config)
     seconds["load"] = time.perf_counter() - t
     streams = perplexity_streams(tok, config)
-    reference = None
-    if config.kl and streams and source is not None:
-        try:
-            reference = load_model(source)[0]
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which cannot "
-                             f"be loaded: {err} Pass --no-kl to evaluate without it.") from None
-    metrics, eval_seconds = run_evals(model, tok, config, reference=reference, streams=streams, progress=progress,
-                                      log=log)
+    references = {}
+    try:
+        if config.kl and streams and source is not None:
+            try:
+                reference = load_model(source, dtype=dtype)[0]
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which "
+                                 f"cannot be loaded: {err} Pass --no-kl to evaluate without it.") from None
+            with placement.placed(reference, device):
+                references = {name: ReferenceLogprobs(reference, tokens, seq_len=config.seq_len, progress=progress,
+                                                      desc=f"reference {name}") for name, tokens in streams.items()}
+            del reference  # only its log-probabilities, on disk, are needed
+        with placement.placed(model, device):
+            metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,
+                                              progress=progress, log=log)
+            generations = _generate(model, tok, prompts, max_new_tokens, seconds, log)
+    finally:
+        for r in references.values():
+            r.close()
     seconds.update(eval_seconds)
-    generations = []
-    for prompt in prompts:
-        from ..eval.continuation import greedy_generate
-
-        t = time.perf_counter()
-        with torch.no_grad():
-            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens)
-        seconds.setdefault("generate", 0.0)
-        seconds["generate"] += time.perf_counter() - t
-        generations.append({"prompt": prompt, "generation": text})
-        log(f"{prompt}{text}")
     info = (meta or {}).get("info", {})
     cfg = info.get("config", {})
     record = {
@@ -310,10 +401,26 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
         "peak_rss_mb": peak_rss_mb(),
+        "environment": environment(device),
     }
     if meta is not None:
         record["saved"] = {"path": str(load), "bytes": meta["bytes"], "files": meta["files"]}
     return record
+
+
+def _generate(model, tok, prompts, max_new_tokens: int, seconds: dict, log) -> list[dict]:
+    from ..eval.continuation import greedy_generate
+
+    generations = []
+    for prompt in prompts:
+        t = time.perf_counter()
+        with torch.no_grad():
+            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens)
+        seconds.setdefault("generate", 0.0)
+        seconds["generate"] += time.perf_counter() - t
+        generations.append({"prompt": prompt, "generation": text})
+        log(f"{prompt}{text}")
+    return generations
 
 
 def format_table(records: list[dict]) -> str:

@@ -60,9 +60,13 @@ class GradientWorker:
     as fast as `accumulate_gradients` in one process with two threads.
 
     The forked process sees the model as it was when the worker started (copy-on-write); later
-    changes to the model here do not reach it. Both processes sum into float64 accumulators
-    (the worker's in shared memory), so the result does not depend on which process took which
-    sample: it equals the one-process sum to float32 rounding. Linux and CPU only (`fork`);
+    changes to the model here do not reach it. Both processes add into one set of float64
+    accumulators in shared memory, each linear's under its own lock. Float64 is needed for one
+    reason: which process takes which sample, and so the order of the additions, depends on
+    timing, and a float32 sum in another order rounds differently; the float64 sum, rounded to
+    float32 once at the end, is the same whatever the order (its rounding error is about 2⁻²⁹ of
+    float32's last bit), so the same command gives the same G, bit for bit (BENCHMARKS.md, "What
+    changes a result besides the seed"). It equals the one-process float32 sum to float32 rounding. Linux and CPU only (`fork`);
     `usable(model)` says whether it can run. The worker dies with its parent: the kernel kills it
     when the parent ends by any signal, SIGKILL included (`_die_with_parent`), so a killed run
     leaves no orphan burning CPU.
@@ -82,7 +86,8 @@ class GradientWorker:
         self._done = ctx.Value("q", 0)  # samples finished, by either process
         self._child_tokens = ctx.Value("q", 0)
         self._errors = ctx.SimpleQueue()
-        # The worker's accumulators live in an anonymous shared mapping (not /dev/shm, which may be small).
+        self._locks = {n: ctx.Lock() for n in shapes}  # one per linear: both processes add into one buffer
+        # The accumulators live in an anonymous shared mapping (not /dev/shm, which may be small).
         numel = sum(r * c for r, c in shapes.values()) * (2 if squares else 1)
         self._buffer = mmap.mmap(-1, max(8 * numel, 8))
         flat = torch.frombuffer(self._buffer, dtype=torch.float64, count=numel)  # [numel] zeros
@@ -111,9 +116,10 @@ class GradientWorker:
             self._next.value += 1
         return i
 
-    def _work(self, G: dict, G2: dict | None, bar=None) -> int:
+    def _work(self, bar=None) -> int:
         n_tokens = 0
-        with gradients.gradient_session(self._model, G, G2) as run:
+        G, G2 = self._shared["G"], self._shared.get("G2")
+        with gradients.gradient_session(self._model, G, G2, locks=self._locks) as run:
             while (i := self._take()) < len(self._pairs):
                 if os.getppid() != self._parent_pid and os.getpid() != self._parent_pid:
                     os._exit(1)  # the worker's parent is gone (a second guard beside PR_SET_PDEATHSIG)
@@ -129,22 +135,23 @@ class GradientWorker:
         _die_with_parent(self._parent_pid)
         torch.set_num_threads(1)
         try:
-            self._child_tokens.value = self._work(self._shared["G"], self._shared.get("G2"))
+            self._child_tokens.value = self._work()
         except BaseException as err:  # noqa: BLE001 - reported by result() in the parent
             self._errors.put(f"{type(err).__name__}: {err}")
             raise
 
-    def result(self, progress: bool = True) -> gradients.GradResult:
-        """Take the samples still left on this process (one thread), wait for the worker, sum."""
+    def result(self, progress: bool = True, out_dtype: torch.dtype = torch.float32) -> gradients.GradResult:
+        """Take the samples still left on this process (one thread), wait for the worker; the sums.
+
+        Each linear's float64 sum is rounded to float32, then to out_dtype (one linear at a time,
+        so a float32 copy of every accumulator never exists when out_dtype is 16-bit).
+        """
         from tqdm.auto import tqdm
 
-        shapes = {n: v.shape for n, v in self._shared["G"].items()}
-        G = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
-        G2 = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()} if self._squares else None
         bar = tqdm(total=len(self._pairs), desc="gradients (2 processes)", disable=not progress)
         try:
             with single_thread():
-                n_tokens = self._work(G, G2, bar)
+                n_tokens = self._work(bar)
             self._process.join()
             bar.update(self._done.value - bar.n)
         except BaseException:
@@ -157,8 +164,8 @@ class GradientWorker:
             self._release()
             raise RuntimeError(f"the gradient worker process failed ({why}); rerun with config.parallel=False (CLI: --no-parallel) to see it here.")
         n_tokens += self._child_tokens.value
-        out = {n: (G[n] + self._shared["G"][n]).float() for n in shapes}
-        out2 = {n: (G2[n] + self._shared["G2"][n]).float() for n in shapes} if self._squares else None
+        out = {n: g.float().to(out_dtype) for n, g in self._shared["G"].items()}
+        out2 = {n: g.float().to(out_dtype) for n, g in self._shared["G2"].items()} if self._squares else None
         seconds = (time.perf_counter() - self._start) / len(self._pairs)
         self._release()
         return gradients.GradResult(out, out2, len(self._pairs), n_tokens, seconds)

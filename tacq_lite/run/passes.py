@@ -7,7 +7,6 @@ second time with a keep-mask, and `experiment.quantize_model` picks the method.
 """
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import torch
@@ -48,6 +47,14 @@ class GPTQPass(NamedTuple):
     codes: dict[str, torch.Tensor]  # uint8 [rows, cols]; at kept positions unused (the CSR value wins)
     H_diag: dict[str, torch.Tensor]  # [cols] diagonal of the layer-input Hessian (activation selector)
     Hinv_diag: dict[str, torch.Tensor]  # [cols] diagonal of its damped inverse (hessian selector)
+    errors: dict[str, torch.Tensor]  # [rows, cols] Q(W) − W in error_dtype, on the host (restore=True only, else {})
+
+
+def rtn_weight(W: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest one weight [rows, cols]: (dequantized in W's dtype, scale, zero, uint8 codes)."""
+    scale, zero = find_params(W, bits=config.bits, sym=config.sym, groupsize=config.groupsize, mse=config.mse)
+    codes = quantize(W, scale, zero, bits=config.bits)  # uint8 [rows, cols]
+    return dequantize(codes, scale, zero).to(W.dtype), scale, zero, codes
 
 
 @torch.no_grad()
@@ -56,13 +63,22 @@ def rtn_quantize(model: nn.Module, config: QuantConfig) -> RTNPass:
     out = RTNPass({}, {})
 
     def rtn(name: str, W: torch.Tensor) -> torch.Tensor:
-        scale, zero = find_params(W, bits=config.bits, sym=config.sym, groupsize=config.groupsize, mse=config.mse)
-        codes = quantize(W, scale, zero, bits=config.bits)  # uint8 [rows, cols]
-        out.grids[name], out.codes[name] = (scale, zero), codes
-        return dequantize(codes, scale, zero).to(W.dtype)
+        W_hat, scale, zero, out.codes[name] = rtn_weight(W, config)
+        out.grids[name] = (scale, zero)
+        return W_hat
 
     walk.apply_to_linears(model, rtn)
     return out
+
+
+@torch.no_grad()
+def rtn_errors(model: nn.Module, config: QuantConfig, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{linear: Q(W) − W in `dtype`} with Q round-to-nearest, one linear at a time; the model is not changed."""
+    errors = {}
+    for name, lin in walk.named_linears(model).items():
+        W_hat = rtn_weight(lin.weight.data, config)[0]
+        errors[name] = (W_hat.float() - lin.weight.detach().float()).to(dtype)  # [rows, cols]
+    return errors
 
 
 @torch.no_grad()
@@ -72,33 +88,46 @@ def gptq_quantize(
     config: QuantConfig,
     *,
     masks: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+    restore: bool = False,
+    error_dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> GPTQPass:
     """True-sequential GPTQ in place; returns each linear's loss, grid and Hessian diagonals.
 
     masks: {linear: bool [rows, cols]} of weights to keep in 16-bit (TaCQ's second pass; what they
-    store: config.keep_value).
+    store: config.keep_value). device: the compute device; the decoder layers are onloaded to it
+    one at a time (walk.sequential_pass); grids and codes stay there, errors go to the host. restore=True
+    (TaCQ's first pass): each layer gets its full-precision weights back once its quantized
+    outputs have been passed on, and `errors` holds Q(W) − W; only one layer's weights are copied
+    at a time, never the model.
     """
     from ..algo.gptq import GPTQ
 
-    out = GPTQPass({}, {}, {}, {}, {})
+    out = GPTQPass({}, {}, {}, {}, {}, {})
     masks = masks or {}
+    originals: dict[str, torch.Tensor] = {}  # this layer's full-precision weights (restore=True)
 
     def finish(name: str, linear: nn.Linear, gptq) -> None:
         H_diag = torch.diag(gptq.H).clone()  # [cols]
+        mask = masks.get(name)
         res = gptq.quantize(
             bits=config.bits, groupsize=config.groupsize, sym=config.sym, mse=config.mse,
             blocksize=config.blocksize, percdamp=config.percdamp, actorder=config.actorder,
-            mask=masks.get(name), keep_value=config.keep_value,
+            mask=None if mask is None else mask.to(linear.weight.device), keep_value=config.keep_value,
         )
-        linear.weight.data.copy_(res.W_hat.to(linear.weight.dtype))
+        W_hat = res.W_hat.to(linear.weight.dtype)  # [rows, cols]
+        if restore:
+            originals[name] = linear.weight.detach().clone()
+            out.errors[name] = (W_hat.float() - originals[name].float()).to(error_dtype).cpu()  # kept on the host
+        linear.weight.data.copy_(W_hat)
         out.loss[name], out.grids[name], out.codes[name] = res.loss, (res.scale, res.zero), res.codes
         out.H_diag[name], out.Hinv_diag[name] = H_diag, res.Hinv_diag
 
-    walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress)
+    def put_back(i: int, layer: nn.Module) -> None:
+        for short, linear in walk.layer_linears(layer).items():
+            linear.weight.data.copy_(originals.pop(f"model.layers.{i}.{short}"))
+
+    walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress,
+                         device=device, after_layer=put_back if restore else None)
     return out
-
-
-def float_copy(model: nn.Module) -> nn.Module:
-    """An independent copy of `model` (the full-precision reference for KL)."""
-    return copy.deepcopy(model).eval()

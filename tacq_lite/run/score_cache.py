@@ -208,16 +208,22 @@ class ScoreCache:
     "E" = Q(W) − W, "H_diag" and "Hinv_diag" (Q(W) file).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, *, enabled: bool = True, log=print):
+    def __init__(self, model: nn.Module, config: QuantConfig, *, enabled: bool = True, log=print,
+                 device: torch.device | None = None):
         self.config, self.enabled, self.log = config, enabled, log
         self.shapes = cache_shapes(model)
         self.common = {"model": config.model, "weights": weights_fingerprint(model), "dtype": str(CACHE_DTYPE)}
+        # A GPU's kernels round differently from the CPU's; the model's own dtype is in the weights'
+        # fingerprint. Keys of CPU runs stay as they were, so their cache files stay valid.
+        if device is not None and device.type != "cpu":
+            self.common["compute"] = device.type
 
     def gradients_key(self, samples) -> dict:
         c = self.config
         return {"kind": "gradients", **self.common, "samples": samples_fingerprint(samples), "calib": c.calib,
                 "n_samples": len(samples), "seed": c.seed,
-                "loss": "all" if isinstance(samples, torch.Tensor) else "answer"}
+                "loss": "all" if isinstance(samples, torch.Tensor) else "answer",
+                **({"grad_dtype": c.grad_dtype} if c.grad_dtype != "float32" else {})}
 
     def qw_key(self, windows: torch.Tensor, *, threads: int) -> dict:
         """`threads`: the first GPTQ pass's thread count, which changes its rounding."""

@@ -34,25 +34,44 @@ pass; a new bit width reuses the gradients.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from ..algo import gradients, select, selectors
 from ..config import QuantConfig
-from ..model import walk
+from ..model import placement, walk
 from . import parallel, passes
 from .score_cache import CACHE_DTYPE, ScoreCache
 
 
+class PerLinear(Mapping):
+    """{linear: tensor} made on access, one linear at a time, and not kept: W and Q(W) for scoring
+    without a copy of every weight (TaCQ's own run; `compute_importance(materialize=True)` gives
+    plain dicts). Read it before the model changes: it reads the model's current weights."""
+
+    def __init__(self, names, make):
+        self._names, self._make = list(names), make
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 class ImportanceInputs(NamedTuple):
-    W: dict[str, torch.Tensor]  # linear -> [rows, cols] float32 copy of the full-precision weights
+    W: Mapping[str, torch.Tensor]  # linear -> [rows, cols] float32 full-precision weights
     G: dict[str, torch.Tensor] | None  # [rows, cols] Σ|dL/dW| in CACHE_DTYPE, or None if not needed
     G2: dict[str, torch.Tensor] | None  # [rows, cols] Σ(dL/dW)² in CACHE_DTYPE
-    QW: dict[str, torch.Tensor] | None  # [rows, cols] float32, W + (Q(W) − W) rounded to CACHE_DTYPE
+    QW: Mapping[str, torch.Tensor] | None  # [rows, cols] float32, W + (Q(W) − W) rounded to CACHE_DTYPE
     H_diag: dict[str, torch.Tensor] | None  # [cols] float32 diag(H) seen by the first GPTQ pass
     Hinv_diag: dict[str, torch.Tensor] | None  # [cols] float32 diag((H + damp·I)⁻¹)
     meta: dict  # provenance: "cache" / "computed" per part, seconds, backward passes, cache files
@@ -67,17 +86,25 @@ def compute_importance(
     samples=None,  # gradient samples: None = the windows; or (input_ids, loss_mask) pairs
     cache: bool = True,
     progress: bool = True,
+    materialize: bool = True,  # False: W and QW are PerLinear views, made one linear at a time
 ) -> ImportanceInputs:
-    """Steps 1-2: everything `selector` needs (Q(W), G, Σg², Hessian diagonals), cached where possible."""
+    """Steps 1-2: everything `selector` needs (Q(W), G, Σg², Hessian diagonals), cached where possible.
+
+    Everything returned lives on the compute device (config.device); the model stays where it is.
+    """
     needs = selectors.get_selector(selector or config.selector).needs
     samples = windows if samples is None else samples
-    store = ScoreCache(model, config, enabled=cache, log=print if progress else (lambda *_a: None))
+    device = placement.resolve_device(config.device)
+    store = ScoreCache(model, config, enabled=cache, log=print if progress else (lambda *_a: None), device=device)
     meta = {"qw": "not needed", "gradients": "not needed", "seconds": {"qw": 0.0, "gradients": 0.0},
             "n_backward": 0, "seconds_per_sample": None, "files": {}}
     # Whether step 1 runs on one thread beside a gradient worker depends on the config and the
     # machine only, not on the selector or on what the cache holds: the same command always rounds
     # the same way, and every selector shares one cached Q(W).
-    with_worker = config.parallel and parallel.GradientWorker.usable(model)
+    with_worker = (config.parallel and device.type == "cpu" and not config.checkpointing
+                   and parallel.GradientWorker.usable(model)
+                   and all(lin.weight.dtype == placement.DTYPES[config.grad_dtype]
+                           for lin in walk.named_linears(model).values()))
 
     # Step 2's cache is read first: when gradients must be computed and a worker can run, it starts
     # now and works through the samples while step 1 runs here on one thread.
@@ -88,19 +115,28 @@ def compute_importance(
         if needs & {"G", "G2"} - grads.keys() and with_worker:
             job = parallel.GradientWorker(model, samples, squares="G2" in needs or "G2" in grads)
     try:
-        qw = _step1_qw(model, windows, config, needs, store, meta, one_thread=with_worker, progress=progress)
+        qw = _step1_qw(model, windows, config, needs, store, meta, one_thread=with_worker, device=device,
+                       progress=progress)
         if needs & {"G", "G2"}:
-            grads = _step2_gradients(model, samples, needs, grads, store, gkey, meta, job=job, progress=progress)
+            grads = _step2_gradients(model, samples, needs, grads, store, gkey, meta, job=job, config=config,
+                                     device=device, progress=progress)
     finally:
         if job is not None:  # finished, failed or interrupted: the worker is gone and its buffer freed
             job.cancel()
 
-    W = {n: lin.weight.detach().float().clone() for n, lin in walk.named_linears(model).items()}  # [rows, cols]
-    dev = lambda d: None if d is None else {n: d[n].to(W[n].device) for n in W}  # noqa: E731
-    E = qw.get("E")
-    QW = None if E is None or "QW" not in needs else {n: W[n] + E[n].to(W[n].device).float() for n in W}
-    return ImportanceInputs(W, dev(grads.get("G")), dev(grads.get("G2")), QW, dev(qw.get("H_diag")),
-                            dev(qw.get("Hinv_diag")), meta)
+    linears = walk.named_linears(model)
+
+    def on_device(d: dict | None) -> dict | None:  # moved one linear at a time, each host copy dropped at once
+        return None if d is None else {n: d.pop(n).to(device) for n in linears}
+
+    E = on_device(qw.get("E")) if "QW" in needs else None
+    W = PerLinear(linears, lambda n: linears[n].weight.detach().to(device, torch.float32))  # [rows, cols]
+    QW = None if E is None else PerLinear(linears, lambda n: W[n] + E[n].float())
+    if materialize:
+        W = {n: w.clone() if w.data_ptr() == linears[n].weight.data_ptr() else w for n, w in W.items()}
+        QW = None if QW is None else {n: W[n] + E[n].float() for n in linears}
+    return ImportanceInputs(W, on_device(grads.get("G")), on_device(grads.get("G2")), QW,
+                            on_device(qw.get("H_diag")), on_device(qw.get("Hinv_diag")), meta)
 
 
 # ---------------------------------------------------------------- steps 1 and 2, cache included
@@ -109,7 +145,7 @@ STEP1_PARTS = {"QW": "E", "H_diag": "H_diag", "Hinv_diag": "Hinv_diag"}  # selec
 
 
 def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, one_thread: bool,
-              progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+              device: torch.device, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{"E": Q(W) − W, "H_diag", "Hinv_diag"}, the parts `needs` asks for (and any the cache had)."""
     t = time.perf_counter()
     want = {STEP1_PARTS[k] for k in needs if k in STEP1_PARTS}
@@ -123,7 +159,7 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
             with parallel.single_thread() if one_thread else contextlib.nullcontext():
                 fresh = _first_pass(model, windows, config, want_qw="E" in want | found.keys(),
                                     want_stats=bool(want & {"H_diag", "Hinv_diag"}) or "H_diag" in found,
-                                    progress=progress)
+                                    device=device, progress=progress)
             found.update({p: d for p, d in fresh.items() if d})
             if store.enabled:
                 meta["files"]["qw"] = store.save(key, found)
@@ -134,23 +170,31 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
 
 
 def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, key: dict, meta: dict, *,
-                     job: parallel.GradientWorker | None, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """{"G": Σ|g|, "G2": Σg²}: from the cache (`found`), else from `job` or from backward passes here."""
+                     job: parallel.GradientWorker | None, config: QuantConfig, device: torch.device,
+                     progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{"G": Σ|g|, "G2": Σg²}: from the cache (`found`), else from `job` or from backward passes here.
+
+    Without a worker the whole model goes to the compute device in config.grad_dtype for the
+    backward passes and back afterwards (bfloat16/float16 -> float32 -> back is exact).
+    """
     t = time.perf_counter()
     meta["gradients"] = "cache"
     if needs & {"G", "G2"} - found.keys():
         meta["gradients"] = "computed"
         squares = "G2" in needs or "G2" in found
         if job is not None:
-            res = job.result(progress=progress)
+            res = job.result(progress=progress, out_dtype=CACHE_DTYPE)
             meta["gradient_processes"] = 2
         else:
-            res = gradients.accumulate_gradients(model, samples, squares=squares, progress=progress)
+            with placement.placed(model, device, placement.DTYPES[config.grad_dtype]):
+                res = gradients.accumulate_gradients(model, samples, squares=squares, accum_device=config.accum_device,
+                                                     checkpointing=config.checkpointing, progress=progress)
             meta["gradient_processes"] = 1
-        found = {"G": {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G.items()}}
+        found = {"G": {n: g.to(CACHE_DTYPE) for n, g in res.G.items()}}
         if res.G2 is not None:
-            found["G2"] = {n: g.to(CACHE_DTYPE).cpu() for n, g in res.G2.items()}
+            found["G2"] = {n: g.to(CACHE_DTYPE) for n, g in res.G2.items()}
         meta["n_backward"], meta["seconds_per_sample"] = res.n_samples, res.seconds_per_sample
+        del res
         if store.enabled:
             meta["files"]["gradients"] = store.save(key, found)
     else:
@@ -159,51 +203,57 @@ def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, key:
     return found
 
 
-def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, progress: bool) -> dict:
-    """Step 1 on deep copies: {"E": {linear: Q(W) − W}, "H_diag": ..., "Hinv_diag": ...} (None where not run)."""
+def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, device: torch.device,
+                progress: bool) -> dict:
+    """Step 1: {"E": {linear: Q(W) − W}, "H_diag": ..., "Hinv_diag": ...} (None where not run).
+
+    The GPTQ pass runs on the model itself, one layer at a time, and gives each layer its
+    full-precision weights back once its outputs are passed on (`restore=True`): one layer's
+    weights are copied at a time, never the model.
+    """
     E, H, Hinv = {}, None, None
     use_gptq_for_qw = want_qw and config.qw_method == "gptq"
     if use_gptq_for_qw or want_stats:
-        twin = copy.deepcopy(model)
-        first = passes.gptq_quantize(twin, windows, config, progress=progress)
+        first = passes.gptq_quantize(model, windows, config, device=device, restore=True, error_dtype=CACHE_DTYPE,
+                                     progress=progress)
         if use_gptq_for_qw:
-            E = _errors(model, twin)
+            E = first.errors
         # The Hessian diagonals come free with the pass: keep them, so the cache serves the
         # hessian / activation / owq_columns selectors later.
-        H = {n: d.float().cpu() for n, d in first.H_diag.items()}
-        Hinv = {n: d.float().cpu() for n, d in first.Hinv_diag.items()}
-        del twin
+        H = {n: d.float() for n, d in first.H_diag.items()}
+        Hinv = {n: d.float() for n, d in first.Hinv_diag.items()}
+        del first
     if want_qw and config.qw_method == "rtn":
-        twin = copy.deepcopy(model)
-        passes.rtn_quantize(twin, config)
-        E = _errors(model, twin)
+        E = passes.rtn_errors(model, config, dtype=CACHE_DTYPE)
     elif want_qw and config.qw_method != "gptq":
         raise ValueError(f"qw_method={config.qw_method!r} is unknown; choose 'gptq' or 'rtn'.")
     return {"E": E or None, "H_diag": H, "Hinv_diag": Hinv}
 
 
-def _errors(model: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
-    twin_linears = walk.named_linears(twin)
-    return {n: (twin_linears[n].weight.detach().float() - lin.weight.detach().float()).to(CACHE_DTYPE).cpu()
-            for n, lin in walk.named_linears(model).items()}  # [rows, cols] Q(W) − W
-
-
 def build_masks(inputs: ImportanceInputs, *, selector: str, ratio: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Steps 3-4: score every targeted weight and keep the global top ratio (bool [rows, cols])."""
+    """Steps 3-4: score every targeted weight and keep the global top ratio (bool [rows, cols]).
+
+    Scores are made one linear at a time and dropped (algo.select.select_topk_streaming), so
+    their memory is one linear's, whatever the model.
+    """
     sel = selectors.get_selector(selector)
-    gen = torch.Generator().manual_seed(seed)
     found = {k: getattr(inputs, k) for k in sel.needs}
     missing = [k for k, v in found.items() if v is None]
     if missing:
         raise ValueError(f"selector {selector!r} needs {missing}; compute_importance with selector={selector!r}.")
-    s = {n: selectors.score(selector, W=W, generator=gen, **{k: v[n] for k, v in found.items()})
-         for n, W in inputs.W.items()}  # linear -> [rows, cols]
+    names = list(inputs.W)
+    gen = None
+
+    def score_of(name: str) -> torch.Tensor:  # [rows, cols]
+        nonlocal gen
+        if name == names[0]:  # every pass over the linears draws the same random numbers (random selector)
+            gen = torch.Generator().manual_seed(seed)
+        return selectors.score(selector, W=inputs.W[name], generator=gen, **{k: v[name] for k, v in found.items()})
+
+    shapes = {n: tuple(inputs.W[n].shape) for n in names}
     if sel.columns:  # every row of a column score is the same: rank columns, not weights
-        shapes = {n: tuple(W.shape) for n, W in inputs.W.items()}
-        masks = select.select_columns({n: v[0] for n, v in s.items()}, shapes=shapes, ratio=ratio)
-    else:
-        masks = select.select_topk(s, ratio=ratio)
-    return {n: m.to(inputs.W[n].device) for n, m in masks.items()}
+        return select.select_columns({n: score_of(n)[0] for n in names}, shapes=shapes, ratio=ratio)
+    return select.select_topk_streaming(score_of, shapes, ratio=ratio)
 
 
 class TacqResult(NamedTuple):
@@ -227,15 +277,17 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
     if config.ratio == 0:  # nothing to keep: plain GPTQ
         masks, inputs_meta = {}, {"seconds": {"qw": 0.0, "gradients": 0.0}}
     else:
-        inputs = compute_importance(model, windows, config, samples=samples, progress=progress, cache=cache)
+        inputs = compute_importance(model, windows, config, samples=samples, progress=progress, cache=cache,
+                                    materialize=False)
         t = time.perf_counter()
         masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
         seconds["score"] = time.perf_counter() - t
         inputs_meta = inputs.meta
-        del inputs  # W, G and Q(W) copies are not needed by the final pass
+        del inputs  # G and Q(W) − W are not needed by the final pass
     seconds.update(inputs_meta["seconds"])
     t = time.perf_counter()
-    final = passes.gptq_quantize(model, windows, config, masks=masks, progress=progress)
+    final = passes.gptq_quantize(model, windows, config, masks=masks, device=placement.resolve_device(config.device),
+                                 progress=progress)
     seconds["gptq"] = time.perf_counter() - t
     n_kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}
     info = {"selector": config.selector, "ratio": config.ratio, **inputs_meta, "k": sum(n_kept.values())}
