@@ -12,7 +12,8 @@ here (hundreds of MB held for seconds).
     python bench/bench_memory.py -- --method gptq      # extra tacq-lite flags after --
 
 Writes bench/results/memory/<label>.json: the command, peak PSS (MiB) of the tree and of the main
-process, wall seconds, the run's own JSON record (seconds per stage) and the git commit.
+process, wall seconds, the run's own JSON record (seconds per stage), the git commit, and the
+timeline of samples ([seconds, main MiB, tree MiB]) to see which stage sets the peak.
 """
 from __future__ import annotations
 
@@ -81,10 +82,13 @@ def main() -> int:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak_tree = peak_main = 0
+        timeline = []  # [seconds, main process MiB, tree MiB], every sample
         while proc.poll() is None:
             pids = tree(proc.pid)
             sizes = [pss_kib(p) for p in pids]
             peak_tree, peak_main = max(peak_tree, sum(sizes)), max(peak_main, sizes[0] if sizes else 0)
+            timeline.append([round(time.perf_counter() - start, 2), (sizes[0] if sizes else 0) // 1024,
+                             sum(sizes) // 1024])
             time.sleep(args.interval)
         seconds = time.perf_counter() - start
         err = proc.stderr.read()
@@ -97,7 +101,8 @@ def main() -> int:
               "peak_pss_tree_mib": peak_tree / 1024, "peak_pss_main_mib": peak_main / 1024,
               "wall_seconds": seconds, "run_seconds": run_record["seconds"],
               "metrics": {k: {m: v.get(m) for m in ("ppl", "ppl_low", "ppl_high", "kl", "n_tokens")}
-                          for k, v in run_record["metrics"].items()}}
+                          for k, v in run_record["metrics"].items()},
+              "timeline": timeline}
     out = ROOT / "bench" / "results" / "memory" / f"{args.label or commit}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -157,6 +157,36 @@ def test_two_processes_give_the_one_process_sums():
         torch.testing.assert_close(res.G[name], g, rtol=1e-5, atol=1e-9)
 
 
+def test_float64_sums_do_not_depend_on_the_order_float32_sums_do():
+    """Why the worker's shared accumulators are float64: the order in which the two processes add
+    their samples depends on timing. Summed in float32, the order changes the last bits of G; summed
+    in float64 and rounded to float32 once, it does not (run/parallel.py)."""
+    model = tiny_llama(layers=2)
+    per_sample = [accumulate_gradients(model, w[None], progress=False).G for w in windows(n=8)]
+    names = list(per_sample[0])
+
+    def total(order, dtype):
+        return {n: sum((per_sample[i][n].to(dtype) for i in order), torch.zeros_like(per_sample[0][n], dtype=dtype))
+                .float() for n in names}
+
+    order = list(range(8))
+    forward, backward = total(order, torch.float32), total(order[::-1], torch.float32)
+    differ = sum(int((forward[n] != backward[n]).sum()) for n in names)
+    assert differ > 0  # float32: another order, other bits
+    f64, b64 = total(order, torch.float64), total(order[::-1], torch.float64)
+    assert all(torch.equal(f64[n], b64[n]) for n in names)  # float64 then one rounding: the same G
+
+
+def test_the_worker_gives_the_same_g_bit_for_bit_run_after_run():
+    from tacq_lite.run.parallel import GradientWorker
+
+    model = tiny_llama(layers=2)
+    x = windows(n=6)
+    a = GradientWorker(model, x).result(progress=False)
+    b = GradientWorker(model, x).result(progress=False)
+    assert all(torch.equal(a.G[n], b.G[n]) for n in a.G)
+
+
 def test_a_failing_worker_is_reported(monkeypatch):
     import os
 

@@ -30,6 +30,22 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    A backward pass allocates and frees hundreds of MB of activations in pieces that glibc keeps in
+    its heap for reuse, so the process stays that large through the GPTQ pass that follows; trimming
+    returns them at once (measured in BENCHMARKS.md, issue 21)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 WORKER_NAME = b"tacq_lite-grad"  # what `ps` / /proc/PID/comm show for the worker (15 bytes at most)
 
 

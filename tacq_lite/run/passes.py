@@ -118,15 +118,20 @@ def gptq_quantize(
         )
         W_hat = res.W_hat.to(linear.weight.dtype)  # [rows, cols]
         if restore:
-            originals[name] = linear.weight.detach().clone()
+            # The quantized weight takes the original's place as a new tensor and the original is set
+            # aside untouched (no copy; nor is any page written that a forked gradient worker still
+            # shares with this process, which would copy it there).
+            originals[name] = linear.weight.data
             out.errors[name] = (W_hat.float() - originals[name].float()).to(error_dtype).cpu()  # kept on the host
-        linear.weight.data.copy_(W_hat)
+            linear.weight.data = W_hat
+        else:
+            linear.weight.data.copy_(W_hat)
         out.loss[name], out.grids[name], out.codes[name] = res.loss, (res.scale, res.zero), res.codes
         out.H_diag[name], out.Hinv_diag[name] = H_diag, res.Hinv_diag
 
     def put_back(i: int, layer: nn.Module) -> None:
         for short, linear in walk.layer_linears(layer).items():
-            linear.weight.data.copy_(originals.pop(f"model.layers.{i}.{short}"))
+            linear.weight.data = originals.pop(f"model.layers.{i}.{short}")
 
     walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress,
                          device=device, after_layer=put_back if restore else None)

@@ -195,6 +195,7 @@ def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, key:
             found["G2"] = {n: g.to(CACHE_DTYPE) for n, g in res.G2.items()}
         meta["n_backward"], meta["seconds_per_sample"] = res.n_samples, res.seconds_per_sample
         del res
+        parallel.trim_heap()
         if store.enabled:
             meta["files"]["gradients"] = store.save(key, found)
     else:
