@@ -161,6 +161,8 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
                                     want_stats=bool(want & {"H_diag", "Hinv_diag"}) or "H_diag" in found,
                                     device=device, progress=progress)
             found.update({p: d for p, d in fresh.items() if d})
+            del fresh
+            parallel.trim_heap()  # the pass's activations and working sets, before the backward passes
             if store.enabled:
                 meta["files"]["qw"] = store.save(key, found)
         else:
@@ -285,6 +287,7 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
         seconds["score"] = time.perf_counter() - t
         inputs_meta = inputs.meta
         del inputs  # G and Q(W) − W are not needed by the final pass
+        parallel.trim_heap()
     seconds.update(inputs_meta["seconds"])
     t = time.perf_counter()
     final = passes.gptq_quantize(model, windows, config, masks=masks, device=placement.resolve_device(config.device),
