@@ -124,30 +124,24 @@ def _disable_checkpointing(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointing: bool = False,
-                     locks: dict | None = None):
+def gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointing: bool = False):
     """Set the model up for accumulation; yields run(ids, mask) -> scored tokens, one sample each.
 
     Inside, only the targeted weights require grad, and a hook on each folds |grad| (and grad²)
     into G (G2) and frees the gradient. On exit the model is as it was: same requires_grad
-    flags, training mode and no .grad. locks: {linear: lock} held while adding into that linear's
-    accumulators, for accumulators that several processes add into (run/parallel.py).
+    flags, training mode and no .grad.
     """
     targets = {name: lin.weight for name, lin in walk.named_linears(model).items()}
     device = next(iter(targets.values())).device
     fired: set[str] = set()
 
     def make_hook(name: str):
-        lock = contextlib.nullcontext() if locks is None else locks[name]
-
         def hook(p: torch.Tensor) -> None:
             g = p.grad  # [rows, cols] this sample's gradient; freed below
-            sq = g.square().to(G2[name].device) if G2 is not None else None
-            g = g.abs_().to(G[name].device)  # abs per sample, before summing (Sec. 3.2)
-            with lock:  # add_ casts to the accumulator's dtype on the fly
-                if sq is not None:
-                    G2[name].add_(sq)
-                G[name].add_(g)
+            if G2 is not None:
+                G2[name].add_(g.square().to(G2[name].device))
+            # abs per sample, before summing (Sec. 3.2). add_ casts to the accumulator's dtype on the fly.
+            G[name].add_(g.abs_().to(G[name].device))
             p.grad = None
             fired.add(name)
 

@@ -211,8 +211,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
            worker: bool = False) -> Budget:
     """Price one run; accum_device=None keeps G beside the weights (on `device`).
 
-    worker=True: the CPU's forked gradient worker (run/parallel.py) beside this process: one set of
-    float64 accumulators shared by both, and a second sample's activations in the worker."""
+    worker=True: the CPU's forked gradient worker (run/parallel.py), whose backward passes run beside
+    the first GPTQ pass."""
     s = model_shape(shape)
     accum_device = None if accum_device == device else accum_device  # beside the weights either way
     settings = {"dtype": _dtype(dtype), "device": device, "grad_dtype": _dtype(grad_dtype),
@@ -248,10 +248,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
         host["gradients"]["accumulator staging"] = s.largest * ACCUM_BYTES
     layer_act = T * ((ACT_HIDDEN - ACT_NORM_FP32) * h * gb + ACT_NORM_FP32 * h * 4 + ACT_INTER * i * gb)
     on["gradients"]["activations"] = s.layers * T * h * gb if checkpointing else s.layers * layer_act
-    if worker:  # float64 sums shared by the two processes; the worker runs its own sample, and
-        # it starts beside the first GPTQ pass, whose working set is then held at the same time
-        host["gradients"]["accumulators"] *= 2
-        host["gradients"]["worker's activations"] = host["gradients"]["activations"]
+    if worker:  # the worker's backward passes start beside the first GPTQ pass, whose working set
+        # is then held at the same time (one backward pass at a time: run/parallel.py)
         host["gradients"]["first GPTQ pass beside it"] = \
             host["gptq_1"]["gptq working set"] + host["gptq_1"]["calibration activations"]
     # After the forward the logits peak; later one linear's grad and |grad| (plus, with

@@ -1,8 +1,9 @@
-"""Two processes for TaCQ's backward passes: this one and a forked worker, one thread each.
+"""TaCQ's backward passes started in a forked worker beside the first GPTQ pass.
 
 On a CPU with few cores, TaCQ's first GPTQ pass keeps a second thread only partly busy, so
 run/tacq.py starts a `GradientWorker` on the backward passes (algo/gradients.py) and runs the GPTQ
-pass on one thread (`single_thread`) meanwhile. Linux and CPU only (fork).
+pass on one thread (`single_thread`) meanwhile; then this process takes over the samples left.
+Linux and CPU only (fork).
 """
 from __future__ import annotations
 
@@ -63,29 +64,29 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class GradientWorker:
-    """The backward passes, shared between this process and a forked one, one thread each.
+    """TaCQ's backward passes started in a forked one-thread process while this one runs the first
+    GPTQ pass, then handed back.
 
     TaCQ's first GPTQ pass does not need the gradients, and on a CPU with few cores it keeps a
     second thread only partly busy (its column loop and the elementwise ops of a 512-token window
-    are small). So `run.tacq.compute_importance` starts this worker, runs the GPTQ pass on one thread
-    meanwhile, and then calls `result()`, where this process takes the samples still left.
-    Samples are handed out one at a time from a shared counter, so both processes finish
-    together however long the other work took. On 2 cores, Q(W) plus gradients took 10 % less
-    time than one after the other, back to back (BENCHMARKS.md, "10 minutes: the backward passes
-    beside the first GPTQ pass"). Backward passes alone gain nothing from it: the worker ran them
-    as fast as `accumulate_gradients` in one process with two threads.
+    are small). So `run.tacq.compute_importance` starts this worker, runs the GPTQ pass on one
+    thread meanwhile, and then calls `result()`: the worker finishes the sample it is on and stops,
+    and this process takes the samples still left, with all its threads. One backward pass runs at
+    a time, so the activations of two (about 1.1 GB each for a 512-token window of the embedded
+    model) are never held together.
+
+    Samples are taken in order (0, 1, 2, ...) and added in that order into one set of float32
+    accumulators in shared memory, first by the worker, then here: the sum is the one-process sum,
+    in the same order, whichever process ran which sample. It is the same bit for bit as
+    `accumulate_gradients` on the same samples where a sample's gradient does not depend on the
+    thread count (measured on the 2-core CI machine: all 106 M entries of the embedded model's
+    gradient equal on 1 and 2 threads; tests/test_gradients.py checks the equality).
 
     The forked process sees the model as it was when the worker started (copy-on-write); later
-    changes to the model here do not reach it. Both processes add into one set of float64
-    accumulators in shared memory, each linear's under its own lock. Float64 is needed for one
-    reason: which process takes which sample, and so the order of the additions, depends on
-    timing, and a float32 sum in another order rounds differently; the float64 sum, rounded to
-    float32 once at the end, is the same whatever the order (its rounding error is about 2⁻²⁹ of
-    float32's last bit), so the same command gives the same G, bit for bit (BENCHMARKS.md, "What
-    changes a result besides the seed"). It equals the one-process float32 sum to float32 rounding. Linux and CPU only (`fork`);
-    `usable(model)` says whether it can run. The worker dies with its parent: the kernel kills it
-    when the parent ends by any signal, SIGKILL included (`_die_with_parent`), so a killed run
-    leaves no orphan burning CPU.
+    changes to the model here do not reach it (the first pass swaps tensors rather than writing
+    into shared pages, run/passes.py). Linux and CPU only (`fork`); `usable(model)` says whether it
+    can run. The worker dies with its parent: the kernel kills it when the parent ends by any
+    signal, SIGKILL included (`_die_with_parent`), so a killed run leaves no orphan burning CPU.
     """
 
     def __init__(self, model: nn.Module, samples, *, loss: str = "auto", squares: bool = False):
@@ -99,14 +100,13 @@ class GradientWorker:
         shapes = {n: tuple(lin.weight.shape) for n, lin in walk.named_linears(model).items()}
         ctx = multiprocessing.get_context("fork")
         self._next = ctx.Value("q", 0)  # index of the next sample to take
-        self._done = ctx.Value("q", 0)  # samples finished, by either process
+        self._stop = ctx.Value("b", 0)  # set by result(): the worker takes no new sample
         self._child_tokens = ctx.Value("q", 0)
         self._errors = ctx.SimpleQueue()
-        self._locks = {n: ctx.Lock() for n in shapes}  # one per linear: both processes add into one buffer
         # The accumulators live in an anonymous shared mapping (not /dev/shm, which may be small).
         numel = sum(r * c for r, c in shapes.values()) * (2 if squares else 1)
-        self._buffer = mmap.mmap(-1, max(8 * numel, 8))
-        flat = torch.frombuffer(self._buffer, dtype=torch.float64, count=numel)  # [numel] zeros
+        self._buffer = mmap.mmap(-1, max(4 * numel, 4))
+        flat = torch.frombuffer(self._buffer, dtype=torch.float32, count=numel)  # [numel] zeros
         views, offset = {}, 0
         for part in ("G", "G2") if squares else ("G",):
             views[part] = {}
@@ -132,57 +132,61 @@ class GradientWorker:
             self._next.value += 1
         return i
 
-    def _work(self, bar=None) -> int:
+    def _work(self, *, worker: bool, bar=None) -> int:
         n_tokens = 0
         G, G2 = self._shared["G"], self._shared.get("G2")
-        with gradients.gradient_session(self._model, G, G2, locks=self._locks) as run:
-            while (i := self._take()) < len(self._pairs):
-                if os.getppid() != self._parent_pid and os.getpid() != self._parent_pid:
+        with gradients.gradient_session(self._model, G, G2) as run:
+            while not (worker and self._stop.value) and (i := self._take()) < len(self._pairs):
+                if worker and os.getppid() != self._parent_pid:
                     os._exit(1)  # the worker's parent is gone (a second guard beside PR_SET_PDEATHSIG)
                 n_tokens += run(*self._pairs[i])
-                with self._done.get_lock():
-                    self._done.value += 1
-                    done = self._done.value
+                if worker:
+                    trim_heap()  # the backward pass's freed activations go back to the system
                 if bar is not None:
-                    bar.update(done - bar.n)
+                    bar.update(1)
         return n_tokens
 
     def _child(self) -> None:
         _die_with_parent(self._parent_pid)
         torch.set_num_threads(1)
         try:
-            self._child_tokens.value = self._work()
+            self._child_tokens.value = self._work(worker=True)
         except BaseException as err:  # noqa: BLE001 - reported by result() in the parent
             self._errors.put(f"{type(err).__name__}: {err}")
             raise
 
     def result(self, progress: bool = True, out_dtype: torch.dtype = torch.float32) -> gradients.GradResult:
-        """Take the samples still left on this process (one thread), wait for the worker; the sums.
+        """Stop the worker after its current sample, take the samples still left here, return the sums.
 
-        Each linear's float64 sum is rounded to float32, then to out_dtype (one linear at a time,
-        so a float32 copy of every accumulator never exists when out_dtype is 16-bit).
+        out_dtype: the sums are converted one linear at a time (no second float32 copy of them all).
         """
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(self._pairs), desc="gradients (2 processes)", disable=not progress)
+        self._stop.value = 1
         try:
-            with single_thread():
-                n_tokens = self._work(bar)
             self._process.join()
-            bar.update(self._done.value - bar.n)
         except BaseException:
             self.cancel()
             raise
-        finally:
-            bar.close()
         if self._process.exitcode != 0:
             why = self._errors.get() if not self._errors.empty() else f"exit code {self._process.exitcode}"
             self._release()
             raise RuntimeError(f"the gradient worker process failed ({why}); rerun with config.parallel=False (CLI: --no-parallel) to see it here.")
-        n_tokens += self._child_tokens.value
-        out = {n: g.float().to(out_dtype) for n, g in self._shared["G"].items()}
-        out2 = {n: g.float().to(out_dtype) for n, g in self._shared["G2"].items()} if self._squares else None
+        with self._next.get_lock():  # the worker took samples 0 .. taken-1 and finished each of them
+            taken = min(self._next.value, len(self._pairs))
+            self._next.value = taken
+        bar = tqdm(total=len(self._pairs), initial=taken, desc="gradients", disable=not progress)
+        try:
+            n_tokens = self._child_tokens.value + self._work(worker=False, bar=bar)
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            bar.close()
+        out = {n: g.to(out_dtype, copy=True) for n, g in self._shared["G"].items()}  # not views of the buffer
+        out2 = {n: g.to(out_dtype, copy=True) for n, g in self._shared["G2"].items()} if self._squares else None
         seconds = (time.perf_counter() - self._start) / len(self._pairs)
+        self.taken_by_worker = taken
         self._release()
         return gradients.GradResult(out, out2, len(self._pairs), n_tokens, seconds)
 
