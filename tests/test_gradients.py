@@ -180,14 +180,14 @@ def test_a_failing_worker_is_reported(monkeypatch):
     from tacq_lite.run.parallel import GradientWorker
 
     parent = os.getpid()
-    real = gradients.sample_loss
+    real = gradients.backward_sample
 
     def loss_failing_in_the_child(model, ids, mask):
         if os.getpid() != parent:
             raise MemoryError("worker ran out of memory")
         return real(model, ids, mask)
 
-    monkeypatch.setattr(gradients, "sample_loss", loss_failing_in_the_child)
+    monkeypatch.setattr(gradients, "backward_sample", loss_failing_in_the_child)
     model = tiny_llama(layers=1)
     job = GradientWorker(model, windows(n=4))
     job._process.join(60)  # it fails on its first sample
@@ -231,3 +231,32 @@ def test_loss_without_logits_to_keep_is_the_same():
     want = torch.nn.functional.cross_entropy(logits[8:15], ids[9:16])
     torch.testing.assert_close(kept, want)
     torch.testing.assert_close(full, want)
+
+
+@pytest.mark.parametrize("task", [False, True])
+def test_head_in_chunks_gives_the_plain_gradient(monkeypatch, task):
+    """backward_sample runs the LM head + loss a few positions at a time: the same G as one plain
+    loss.backward() (to float32 rounding), on text windows and on answer-only task samples."""
+    from torch import nn
+
+    from tacq_lite.algo import gradients
+
+    class Plain(nn.Module):  # the same decoder, but no .lm_head: the plain path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.model = inner, inner.model
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    monkeypatch.setattr(gradients, "HEAD_CHUNK", 5)  # several chunks, the last one short
+    model = tiny_llama(layers=2)
+    x = windows(n=3)
+    samples = [(w, torch.arange(w.numel()) >= 5) for w in x] if task else x
+    assert gradients._chunkable_head(model) is not None and gradients._chunkable_head(Plain(model)) is None
+    chunked = accumulate_gradients(model, samples, squares=True, progress=False)
+    plain = accumulate_gradients(Plain(model), samples, squares=True, progress=False)
+    assert (chunked.n_tokens, chunked.n_samples) == (plain.n_tokens, plain.n_samples)
+    for name, g in plain.G.items():
+        torch.testing.assert_close(chunked.G[name], g, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(chunked.G2[name], plain.G2[name], rtol=1e-5, atol=1e-12)

@@ -96,6 +96,59 @@ def sample_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torc
     return F.cross_entropy(logits.float(), ids[pos + 1])  # mean over the k scored tokens
 
 
+HEAD_CHUNK = 64  # scored positions whose logits exist at once in backward_sample
+
+
+def _chunkable_head(model: nn.Module):
+    """(decoder, lm_head) when the logits are exactly lm_head(decoder's last hidden state), else None.
+
+    Llama, Qwen2 and Mistral heads are; a model that caps or scales its logits (Gemma 2's
+    final_logit_softcapping, a logit_scale) gets the plain path."""
+    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    cfg = getattr(model, "config", None)
+    if not isinstance(inner, nn.Module) or not isinstance(head, nn.Linear):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    return inner, head
+
+
+def backward_sample(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Backward of sample_loss's loss (the mean next-token NLL over the scored tokens); returns the
+    loss, or None when no targeted weight is reached (nothing requires grad).
+
+    The LM head's logits are the largest tensors of a sample's backward pass: [k, vocab] float32,
+    three times (the logits, the log-softmax saved for backward, their gradient), 300 MB for a
+    512-token window of a 49,152-token vocabulary. Here the decoder runs once, its last hidden
+    states are detached, and the head + cross-entropy run HEAD_CHUNK positions at a time, each
+    chunk's backward adding into the hidden states' gradient, which then goes back through the
+    decoder once. Nothing is recomputed; only one chunk's logits exist at a time. The gradient is
+    the same function; float32 rounding of the head's part can differ in the last bits.
+    """
+    parts = _chunkable_head(model)
+    if parts is None:
+        loss = sample_loss(model, ids, mask)
+        if loss.grad_fn is None:
+            return None
+        loss.backward()
+        return loss.detach()
+    inner, head = parts
+    pos = mask[1:].nonzero().squeeze(1)  # [k] positions whose next token is scored
+    hidden = inner(input_ids=ids[None], use_cache=False).last_hidden_state[0, pos]  # [k, hidden]
+    if hidden.grad_fn is None:
+        return None
+    leaf = hidden.detach().requires_grad_()  # [k, hidden]; its .grad collects the chunks' gradients
+    targets = ids[pos + 1]  # [k]
+    total = torch.zeros((), device=hidden.device)
+    for a in range(0, pos.numel(), HEAD_CHUNK):
+        logits = head(leaf[a : a + HEAD_CHUNK]).float()  # [<=HEAD_CHUNK, vocab]
+        part = F.cross_entropy(logits, targets[a : a + HEAD_CHUNK], reduction="sum") / pos.numel()
+        part.backward()
+        total += part.detach()
+    hidden.backward(leaf.grad)
+    return total
+
+
 def _blocked_error(names: Sequence[str], n_targets: int) -> RuntimeError:
     return RuntimeError(
         f"No gradient reached {len(names)} of {n_targets} targeted weights (e.g. {', '.join(list(names)[:3])}). "
@@ -149,10 +202,8 @@ def gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointin
 
     def run(ids: torch.Tensor, mask: torch.Tensor) -> int:
         fired.clear()
-        lossval = sample_loss(model, ids.to(device), mask.to(device))
-        if lossval.grad_fn is None:
+        if backward_sample(model, ids.to(device), mask.to(device)) is None:
             raise _blocked_error(list(targets), len(targets))
-        lossval.backward()
         if len(fired) != len(targets):
             raise _blocked_error([n for n in targets if n not in fired], len(targets))
         return int(mask[1:].sum())

@@ -118,7 +118,13 @@ class GradientWorker:
         self._start = time.perf_counter()
         self._parent_pid = os.getpid()
         self._process = ctx.Process(target=self._child, name="tacq_lite-gradients", daemon=True)
-        self._process.start()
+        import gc
+
+        gc.freeze()  # objects alive now are left alone by the collector: fewer pages copied into the worker
+        try:
+            self._process.start()
+        finally:
+            gc.unfreeze()
 
     @staticmethod
     def usable(model: nn.Module, *, any_threads: bool = False) -> bool:

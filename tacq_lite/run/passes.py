@@ -16,6 +16,7 @@ from ..config import QuantConfig
 from ..core.bits import BitsReport, average_bits
 from ..core.quant import dequantize, find_params, quantize
 from ..model import walk
+from .parallel import trim_heap
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -44,7 +45,7 @@ class GPTQPass(NamedTuple):
 
     loss: dict[str, float]  # GPTQ's objective on the calibration inputs
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (scale, zero), each fp32 [rows, n_groups]
-    codes: dict[str, torch.Tensor]  # uint8 [rows, cols]; at kept positions unused (the CSR value wins)
+    codes: dict[str, torch.Tensor]  # uint8 [rows, cols]; at kept positions unused (the CSR value wins); {} if restore
     H_diag: dict[str, torch.Tensor]  # [cols] diagonal of the layer-input Hessian (activation selector)
     Hinv_diag: dict[str, torch.Tensor]  # [cols] diagonal of its damped inverse (hessian selector)
     errors: dict[str, torch.Tensor]  # [rows, cols] Q(W) − W in error_dtype, on the host (restore=True only, else {})
@@ -126,12 +127,15 @@ def gptq_quantize(
             linear.weight.data = W_hat
         else:
             linear.weight.data.copy_(W_hat)
-        out.loss[name], out.grids[name], out.codes[name] = res.loss, (res.scale, res.zero), res.codes
+        out.loss[name], out.grids[name] = res.loss, (res.scale, res.zero)
+        if not restore:  # the first pass's codes are never packed: 1 byte per weight not kept
+            out.codes[name] = res.codes
         out.H_diag[name], out.Hinv_diag[name] = H_diag, res.Hinv_diag
 
     def put_back(i: int, layer: nn.Module) -> None:
         for short, linear in walk.layer_linears(layer).items():
             linear.weight.data = originals.pop(f"model.layers.{i}.{short}")
+        trim_heap()  # this layer's quantized weights and working sets, freed just now
 
     walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress,
                          device=device, after_layer=put_back if restore else None)

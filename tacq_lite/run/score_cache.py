@@ -222,7 +222,7 @@ class ScoreCache:
         c = self.config
         return {"kind": "gradients", **self.common, "samples": samples_fingerprint(samples), "calib": c.calib,
                 "n_samples": len(samples), "seed": c.seed,
-                "loss": "all" if isinstance(samples, torch.Tensor) else "answer",
+                "loss": "all" if isinstance(samples, torch.Tensor) else "answer", "head": "chunked",
                 **({"grad_dtype": c.grad_dtype} if c.grad_dtype != "float32" else {})}
 
     def qw_key(self, windows: torch.Tensor, *, threads: int) -> dict:
