@@ -96,7 +96,7 @@ def sample_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torc
     return F.cross_entropy(logits.float(), ids[pos + 1])  # mean over the k scored tokens
 
 
-HEAD_CHUNK = 64  # scored positions whose logits exist at once in backward_sample
+HEAD_CHUNK = 32  # scored positions whose logits exist at once in backward_sample
 
 
 def _chunkable_head(model: nn.Module):

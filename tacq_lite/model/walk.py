@@ -166,24 +166,36 @@ def _staged_layer(layer: nn.Module, inps: list[torch.Tensor], kwargs: dict,
     2.4. quantize_group(group, inputs, shared=False) must quantize the group's linears from
     inputs, an iterable of {linear name: its input} per window, before it returns; shared=True
     says every linear of the group reads the same tensor. Returns the layer's outputs,
-    computed with the quantized linears.
+    computed with the quantized linears; `inps` is emptied.
     """
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = SEQUENTIAL_GROUPS
+    # Each stage's list is emptied while the next one fills (_consume), and `inps` too once the
+    # residual has used it, so about two stages' activations exist at a time, not all of them.
     normed = [layer.input_layernorm(x) for x in inps]  # q/k/v's input, kept for the attention below
     quantize_group(qkv, (dict.fromkeys(qkv, n) for n in normed), shared=True)
     # The attention context (o_proj's input) with the quantized q/k/v.
-    ctx = [_inputs_of(lambda n=n: attn(hidden_states=n, **kwargs), {o[0]: attn.o_proj})[o[0]] for n in normed]
-    del normed
+    ctx = _consume(normed, lambda n: _inputs_of(lambda: attn(hidden_states=n, **kwargs), {o[0]: attn.o_proj})[o[0]])
     quantize_group(o, ({o[0]: c} for c in ctx))
-    hidden = [x + attn.o_proj(c) for x, c in zip(inps, ctx)]  # residual stream after attention
-    del ctx
+    hidden = [x + attn.o_proj(c) for x, c in zip(inps, _drain(ctx))]  # residual stream after attention
+    inps.clear()  # consumed: the caller's list of this layer's inputs
     normed = [layer.post_attention_layernorm(h) for h in hidden]  # gate/up's input
     quantize_group(gate_up, (dict.fromkeys(gate_up, n) for n in normed), shared=True)
-    acts = [mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n) for n in normed]
-    del normed
+    acts = _consume(normed, lambda n: mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n))
     quantize_group(down, ({down[0]: a} for a in acts))
-    return [h + mlp.down_proj(a) for h, a in zip(hidden, acts)]
+    return [h.add_(mlp.down_proj(a)) for h, a in zip(hidden, _drain(acts))]  # hidden's tensors are its own
+
+
+def _consume(items: list, fn: Callable) -> list:
+    """[fn(x) for x in items], emptying `items` as it goes (each input freed once mapped)."""
+    return [fn(x) for x in _drain(items)]
+
+
+def _drain(items: list):
+    """Yield the items of a list from the front, removing each from the list first."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _can_stage(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> bool:

@@ -23,7 +23,9 @@ columns are rounded, not zeroed (their gptq/gptq.py:135).
 
 Steps 1 and 2 do not depend on each other. On a multi-core Linux CPU the backward passes start in
 a forked one-thread worker (parallel.GradientWorker) and step 1 runs on the other thread
-meanwhile; `QuantConfig.parallel=False` runs them one after the other.
+meanwhile; then this process takes the samples left. `QuantConfig.parallel=False` runs them one
+after the other. On a GPU (`config.device`) the layers are onloaded one at a time for step 1 and
+the masked pass, and the whole model goes to the GPU for step 2 (model/placement.py).
 
 Steps 1-2 are the expensive ones and do not depend on the ratio or the selector, so their
 results are cached (run/score_cache.py): gradients (keyed by the model's weights and the
