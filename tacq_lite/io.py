@@ -19,6 +19,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Iterator
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, data/, tacq_lite/
@@ -155,3 +156,60 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
         raise ValueError(f"{what} {path}: {base} is a file, not a folder; choose another path.")
     _probe_writable(base, what, path)
     return path
+
+
+class SpilledTensors(MutableMapping):
+    """{name: tensor} kept on disk: each tensor set is written at once to a private temporary folder
+    (one safetensors file each) and read back, as a fresh CPU tensor, whenever it is looked up.
+
+    For results that are made piece by piece during a long pass and needed only later (TaCQ's
+    Q(W) − W during the first GPTQ pass): memory then holds one piece at a time. A tensor that
+    cannot be written (full or read-only disk) stays in memory instead, with one warning: the run
+    goes on. `close()`, or garbage collection, deletes the folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self._dir = tempfile.TemporaryDirectory(prefix="tacq_lite-spill-", dir=folder)
+        self._files: dict[str, str | object] = {}  # name -> file path, or the tensor itself if it could not be written
+        self._warned = False
+
+    def __setitem__(self, name: str, tensor) -> None:
+        import warnings
+
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
+
+        path = os.path.join(self._dir.name, f"{len(self._files):06d}.safetensors")
+        tensor = tensor.detach().cpu().contiguous()
+        try:
+            save_file({"t": tensor}, path)
+            self._files[name] = path
+        except (OSError, SafetensorError) as err:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if not self._warned:
+                warnings.warn(f"could not write {path} ({err}); keeping these tensors in memory instead.",
+                              stacklevel=2)
+                self._warned = True
+            self._files[name] = tensor
+
+    def __getitem__(self, name: str):
+        from safetensors.torch import load_file
+
+        where = self._files[name]
+        return load_file(where)["t"] if isinstance(where, str) else where
+
+    def __delitem__(self, name: str) -> None:
+        where = self._files.pop(name)
+        if isinstance(where, str):
+            os.unlink(where)
+
+    def __iter__(self):
+        return iter(list(self._files))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def close(self) -> None:
+        self._files.clear()
+        self._dir.cleanup()

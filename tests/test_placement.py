@@ -220,3 +220,49 @@ def test_gpu_tacq_end_to_end(tmp_path):
     result = tacq_quantize(model, WINDOWS, config, progress=False)
     assert sum(result.n_kept.values()) == result.info["k"] > 0
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_spilled_tensors_round_trip_and_fall_back_to_memory(tmp_path, monkeypatch):
+    from tacq_lite.io import SpilledTensors
+
+    store = SpilledTensors(folder=tmp_path)
+    a = torch.randn(3, 4).to(torch.bfloat16)
+    store["a"], store["b"] = a, torch.arange(5.0)
+    folder = next(tmp_path.iterdir())
+    assert len(list(folder.iterdir())) == 2 and list(store) == ["a", "b"]
+    assert torch.equal(store["a"], a) and store["a"].data_ptr() != a.data_ptr()  # read back, not kept
+    assert torch.equal(store.pop("b"), torch.arange(5.0)) and len(list(folder.iterdir())) == 1
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*_a, **_k):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.warns(UserWarning, match="No space left.*in memory"):
+        store["c"] = torch.ones(2)
+    assert torch.equal(store["c"], torch.ones(2)) and len(list(folder.iterdir())) == 1
+    store.close()
+    assert not folder.exists()
+
+
+def test_first_pass_errors_go_to_disk_and_give_the_same_q_w(tmp_path, monkeypatch):
+    """compute_importance spills Q(W) − W during the first pass, reads it back, and deletes the spill."""
+    from tacq_lite.io import SpilledTensors
+    from tacq_lite.run import tacq
+
+    made = []
+
+    class Recorded(SpilledTensors):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(tacq, "SpilledTensors", Recorded)
+    config = QuantConfig(method="tacq", bits=3, n_calib=4, seq_len=32, mse=False, ratio=0.02, parallel=False)
+    spilled = compute_importance(tiny_llama(), WINDOWS, config, progress=False, cache=False)
+    first = passes.gptq_quantize(tiny_llama(), WINDOWS, config, restore=True, error_dtype=CACHE_DTYPE,
+                                 progress=False)
+    assert all(torch.equal(spilled.QW[n], spilled.W[n] + first.errors[n].float()) for n in first.errors)
+    assert len(made) == 1 and not Path(made[0]._dir.name).exists()  # read back, then deleted

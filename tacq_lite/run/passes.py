@@ -7,6 +7,7 @@ second time with a keep-mask, and `experiment.quantize_model` picks the method.
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
@@ -92,6 +93,7 @@ def gptq_quantize(
     device: torch.device | None = None,
     restore: bool = False,
     error_dtype: torch.dtype = torch.float32,
+    errors: MutableMapping[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> GPTQPass:
     """True-sequential GPTQ in place; returns each linear's loss, grid and Hessian diagonals.
@@ -100,12 +102,13 @@ def gptq_quantize(
     store: config.keep_value). device: the compute device; the decoder layers are onloaded to it
     one at a time (walk.sequential_pass); grids and codes stay there, errors go to the host. restore=True
     (TaCQ's first pass): each layer gets its full-precision weights back once its quantized
-    outputs have been passed on, and `errors` holds Q(W) − W; only one layer's weights are copied
+    outputs have been passed on, and `errors` holds Q(W) − W (in the mapping given as `errors`, e.g.
+    io.SpilledTensors to keep them on disk; a dict by default); only one layer's weights are copied
     at a time, never the model.
     """
     from ..algo.gptq import GPTQ
 
-    out = GPTQPass({}, {}, {}, {}, {}, {})
+    out = GPTQPass({}, {}, {}, {}, {}, {} if errors is None else errors)
     masks = masks or {}
     originals: dict[str, torch.Tensor] = {}  # this layer's full-precision weights (restore=True)
 

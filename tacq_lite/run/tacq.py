@@ -44,6 +44,7 @@ from torch import nn
 
 from ..algo import gradients, select, selectors
 from ..config import QuantConfig
+from ..io import SpilledTensors
 from ..model import placement, walk
 from . import parallel, passes
 from .score_cache import CACHE_DTYPE, ScoreCache
@@ -125,6 +126,10 @@ def compute_importance(
     finally:
         if job is not None:  # finished, failed or interrupted: the worker is gone and its buffer freed
             job.cancel()
+    if "qw_key" in meta:  # after the backward passes, when writing it (a copy in memory) costs no peak
+        key = meta.pop("qw_key")
+        if store.enabled:
+            meta["files"]["qw"] = store.save(key, qw)
 
     linears = walk.named_linears(model)
 
@@ -132,6 +137,8 @@ def compute_importance(
         return None if d is None else {n: d.pop(n).to(device) for n in linears}
 
     E = on_device(qw.get("E")) if "QW" in needs else None
+    if isinstance(qw.get("E"), SpilledTensors):
+        qw["E"].close()
     W = PerLinear(linears, lambda n: linears[n].weight.detach().to(device, torch.float32))  # [rows, cols]
     QW = None if E is None else PerLinear(linears, lambda n: W[n] + E[n].float())
     if materialize:
@@ -165,8 +172,7 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
             found.update({p: d for p, d in fresh.items() if d})
             del fresh
             parallel.trim_heap()  # the pass's activations and working sets, before the backward passes
-            if store.enabled:
-                meta["files"]["qw"] = store.save(key, found)
+            meta["qw_key"] = key  # written to the cache after step 2 (compute_importance), not beside it
         else:
             store.log(f"score cache: Q(W) from {store.path(key)}")
     meta["seconds"]["qw"] = time.perf_counter() - t
@@ -219,8 +225,10 @@ def _first_pass(model, windows, config, *, want_qw: bool, want_stats: bool, devi
     E, H, Hinv = {}, None, None
     use_gptq_for_qw = want_qw and config.qw_method == "gptq"
     if use_gptq_for_qw or want_stats:
+        # Q(W) − W goes to disk layer by layer: it is needed only for scoring, after the backward
+        # passes, and on the CPU those run beside this pass (2 bytes per weight not held meanwhile).
         first = passes.gptq_quantize(model, windows, config, device=device, restore=True, error_dtype=CACHE_DTYPE,
-                                     progress=progress)
+                                     errors=SpilledTensors() if use_gptq_for_qw else None, progress=progress)
         if use_gptq_for_qw:
             E = first.errors
         # The Hessian diagonals come free with the pass: keep them, so the cache serves the
