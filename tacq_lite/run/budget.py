@@ -7,15 +7,16 @@ The memory design priced here, stage by stage (TaCQ, Xiao et al., 2025, arXiv 25
   load       the model lives on the host in its dtype (4/2/2 bytes per parameter), loaded once;
   gptq_1     GPTQ for Q(W), sequential onloading (model/walk.py's pass): one decoder layer, its
              largest linear's fp32 working set and one layer's activations of all calibration
-             windows on the compute device; Q(W) − W is cached on the host in bfloat16;
+             windows on the compute device; Q(W) − W goes to disk in bfloat16, layer by layer;
   gradients  the whole model moved to the device in grad_dtype (placement.placed: nothing stays
              on the host), float32 G = Σ|dL/dW| (and Σg² with squares) on the device or the
-             host, one sample's activations (algo/gradients.py); Q(W) − W waits on the host;
+             host, one sample's activations (algo/gradients.py); Q(W) − W waits on disk;
   scoring    |W|·|G|·|Q(W) − W| one linear at a time (run/tacq.py); G, Q(W) − W (bf16) and the
              keep-masks (bool) of every targeted weight on the compute device;
   gptq_2     the masked GPTQ pass, priced like gptq_1 plus the keep-masks.
 method="gptq" has the load and gptq stages only. With device="cpu" the device parts are host parts.
-The KL reference (log-probs of the full-precision model) is stored on disk, priced as `disk`.
+The KL reference (log-probs of the full-precision model) and Q(W) − W between the first pass and
+scoring (io.SpilledTensors) are stored on disk, priced as `disk`.
 Not priced: the allocator's caching slack (~0.5 GiB on an H100), packing the quantized model for
 saving, and the embedding table's moment on the device while layer 0's inputs are captured.
 
@@ -172,7 +173,7 @@ class Budget:
     settings: dict  # budget()'s keyword arguments, so that a change can be re-priced
     host_parts: dict  # stage -> {what: bytes} in host memory
     device_parts: dict  # stage -> {what: bytes} on the compute device; {} for every stage on cpu
-    disk: int  # bytes of the KL reference log-probs: n_eval × (seq_len − 1) × vocab × 4
+    disk: int  # temporary files: KL reference log-probs n_eval × (seq_len − 1) × vocab × 4, Q(W) − W (TaCQ)
 
     @property
     def host(self) -> dict[str, int]:
@@ -238,7 +239,6 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
         on[st]["gptq working set"] = 4 * max(GPTQ_WEIGHT_COPIES * r * c + GPTQ_HESSIAN_COPIES * c * c
                                              for r, c in s.linears().values())
         on[st]["calibration activations"] = n_calib * T * (CALIB_HIDDEN_COPIES * h + i) * b
-    host["gptq_1"]["Q(W)-W cache"] = host["gradients"]["Q(W)-W cache"] = n * CACHE_BYTES
     # Gradient pass: the whole model in grad_dtype (on the cpu, shared when the dtypes agree).
     if gpu or gb != b:
         on["gradients"]["model (grad dtype)"] = s.n_params * gb
@@ -265,10 +265,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
     keep = STAGES if method == "tacq" else ("load", "gptq_1")
     rename = {"gptq_1": "gptq"} if method == "gptq" else {}
     host_parts = {rename.get(st, st): host[st] for st in keep}
-    if method == "gptq":
-        host_parts["gptq"].pop("Q(W)-W cache")
     return Budget(s, settings, host_parts, {rename.get(st, st): dev[st] for st in keep},
-                  disk=n_eval * (T - 1) * s.vocab * 4)
+                  disk=n_eval * (T - 1) * s.vocab * 4 + (n * CACHE_BYTES if method == "tacq" else 0))
 
 
 def _dtype(d) -> str:

@@ -24,6 +24,7 @@ from ..core.bits import BitsReport
 from ..eval.lm import ReferenceLogprobs
 from ..io import check_output_dir
 from ..model import placement
+from .parallel import trim_heap
 
 RECORD_VERSION = 1
 TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
@@ -253,6 +254,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
                 references = {name: ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
                                                       desc=f"reference {name}") for name, tokens in streams.items()}
             seconds["reference"] = time.perf_counter() - t
+            trim_heap()  # the reference passes' freed activations, before the quantization starts
         record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
                                         overwrite=overwrite, progress=progress, log=log)
     finally:

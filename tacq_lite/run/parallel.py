@@ -120,6 +120,7 @@ class GradientWorker:
         self._process = ctx.Process(target=self._child, name="tacq_lite-gradients", daemon=True)
         import gc
 
+        trim_heap()  # free heap pages are not carried into the worker
         gc.freeze()  # objects alive now are left alone by the collector: fewer pages copied into the worker
         try:
             self._process.start()
