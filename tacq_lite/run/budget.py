@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..algo.gradients import HEAD_CHUNK
+
 GIB = 2**30
 PROCESS_BYTES = int(0.6 * GIB)  # host RSS of python + torch + transformers before any tensor
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context and cuBLAS workspace, outside torch's allocator
@@ -43,7 +45,7 @@ GPTQ_WEIGHT_COPIES = 3  # [rows, cols] fp32: W0, the working transposed copy, W_
 GPTQ_HESSIAN_COPIES = 4  # [cols, cols] fp32: H and its clone, the Cholesky factor of H⁻¹ and its workspace
 CALIB_HIDDEN_COPIES = 3  # [n, T, hidden] per layer: inputs, normed / attention context, residual (walk.py)
 SCORE_TEMPS = 4  # [rows, cols] fp32 while scoring one linear: |W|, |G|, |Q(W) − W|, the score
-LOGIT_COPIES = 3  # [T − 1, vocab] fp32: logits, cross_entropy's saved log-softmax, their gradient
+LOGIT_COPIES = 3  # [positions, vocab] fp32: logits, cross_entropy's saved log-softmax, their gradient
 # Activations kept for backward, per decoder layer and token, in elements: ACT_HIDDEN·hidden +
 # ACT_INTER·intermediate. Counting a Llama layer's saved tensors gives ~10-12·hidden (two RMSNorms'
 # input and normalized output, q, k, v, RoPE'd q and k, k/v repeated for SDPA, attention output,
@@ -209,16 +211,18 @@ class Budget:
 def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: str = "float32",
            accum_device: str | None = None, checkpointing: bool = False, n_calib: int = 128,
            seq_len: int = 2048, n_eval: int = 8, squares: bool = False, method: str = "tacq",
-           worker: bool = False) -> Budget:
+           worker: bool = False, head_chunk: int | None = HEAD_CHUNK) -> Budget:
     """Price one run; accum_device=None keeps G beside the weights (on `device`).
 
     worker=True: the CPU's forked gradient worker (run/parallel.py), whose backward passes run beside
-    the first GPTQ pass."""
+    the first GPTQ pass. head_chunk: positions whose logits exist at once in backward
+    (algo/gradients.py's HEAD_CHUNK); None prices the whole [T − 1, vocab] logits, as before it."""
     s = model_shape(shape)
     accum_device = None if accum_device == device else accum_device  # beside the weights either way
     settings = {"dtype": _dtype(dtype), "device": device, "grad_dtype": _dtype(grad_dtype),
                 "accum_device": accum_device, "checkpointing": checkpointing, "n_calib": n_calib,
-                "seq_len": seq_len, "n_eval": n_eval, "squares": squares, "method": method, "worker": worker}
+                "seq_len": seq_len, "n_eval": n_eval, "squares": squares, "method": method, "worker": worker,
+                "head_chunk": head_chunk}
     if worker and device != "cpu":
         raise ValueError("worker=True is the CPU's forked gradient worker; it needs device='cpu'.")
     if device not in ("cpu", "cuda") or accum_device not in (None, "cpu", device):
@@ -255,7 +259,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
     # After the forward the logits peak; later one linear's grad and |grad| (plus, with
     # checkpointing, one layer's recomputed activations): whichever is larger.
     on["gradients"]["logits or one layer's backward"] = max(
-        (T - 1) * s.vocab * 4 * LOGIT_COPIES, 2 * s.largest * gb + (layer_act if checkpointing else 0))
+        min(T - 1, head_chunk or T - 1) * s.vocab * 4 * LOGIT_COPIES,
+        2 * s.largest * gb + (layer_act if checkpointing else 0))
     if gpu:  # placement.placed moves the parameters to the device: nothing of the model stays on the host
         del host["gradients"]["weights"]
     # Scoring and the masked pass run where the compute is: G and Q(W) − W (bf16) and the masks live there.

@@ -147,8 +147,6 @@ class GradientWorker:
                 if worker and os.getppid() != self._parent_pid:
                     os._exit(1)  # the worker's parent is gone (a second guard beside PR_SET_PDEATHSIG)
                 n_tokens += run(*self._pairs[i])
-                if worker:
-                    trim_heap()  # the backward pass's freed activations go back to the system
                 if bar is not None:
                     bar.update(1)
         return n_tokens
