@@ -266,3 +266,22 @@ def test_first_pass_errors_go_to_disk_and_give_the_same_q_w(tmp_path, monkeypatc
                                  progress=False)
     assert all(torch.equal(spilled.QW[n], spilled.W[n] + first.errors[n].float()) for n in first.errors)
     assert len(made) == 1 and not Path(made[0]._dir.name).exists()  # read back, then deleted
+
+
+def test_a_run_the_byte_budget_says_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
+    from test_failure_modes import save_tiny_model
+
+    from tacq_lite.run import budget
+
+    folder = save_tiny_model(tmp_path / "model")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("tacq_lite.model.loading.load_model", no_load)
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 0)  # a machine with no memory left
+    monkeypatch.setattr(budget, "PROCESS_BYTES", 1)
+    rc = cli.main(["quantize", "--model", str(folder), "--method", "tacq", "--n-calib", "2", "--seq-len", "32",
+                   "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stage" in err and "GiB of host memory" in err and err.count("\n") == 1
