@@ -274,6 +274,7 @@ def test_a_run_the_byte_budget_says_cannot_fit_stops_before_loading(tmp_path, mo
     from tacq_lite.run import budget
 
     folder = save_tiny_model(tmp_path / "model")
+    capsys.readouterr()  # the saving's progress bars
 
     def no_load(*_a, **_k):
         raise AssertionError("the model must not be loaded")
