@@ -171,6 +171,7 @@ class SpilledTensors(MutableMapping):
     def __init__(self, folder: str | os.PathLike | None = None):
         self._dir = tempfile.TemporaryDirectory(prefix="tacq_lite-spill-", dir=folder)
         self._files: dict[str, str | object] = {}  # name -> file path, or the tensor itself if it could not be written
+        self._count = 0  # file numbers only go up: a deleted file's number is never reused
         self._warned = False
 
     def __setitem__(self, name: str, tensor) -> None:
@@ -179,7 +180,10 @@ class SpilledTensors(MutableMapping):
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        path = os.path.join(self._dir.name, f"{len(self._files):06d}.safetensors")
+        if name in self._files:
+            del self[name]
+        path = os.path.join(self._dir.name, f"{self._count:06d}.safetensors")
+        self._count += 1
         tensor = tensor.detach().cpu().contiguous()
         try:
             save_file({"t": tensor}, path)

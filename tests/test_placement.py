@@ -217,9 +217,12 @@ def test_gpu_tacq_end_to_end(tmp_path):
     config = QuantConfig(method="tacq", bits=3, n_calib=4, seq_len=32, mse=False, ratio=0.01, device="cuda",
                          dtype="bfloat16", cache_dir=str(tmp_path))
     model = tiny_llama().to(torch.bfloat16)
-    result = tacq_quantize(model, WINDOWS, config, progress=False)
-    assert sum(result.n_kept.values()) == result.info["k"] > 0
+    result = experiment.quantize_model(model, WINDOWS, config, progress=False)
+    assert result.bits.n_kept > 0
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.device.type == "cpu" for m in result.masks.values())  # beside the layers: packing needs them
+    meta = experiment.save_packed(model, None, result, str(tmp_path / "q"))
+    assert meta["bytes"]["quantized_linears"] > 0
 
 
 def test_spilled_tensors_round_trip_and_fall_back_to_memory(tmp_path, monkeypatch):
@@ -286,3 +289,63 @@ def test_a_run_the_byte_budget_says_cannot_fit_stops_before_loading(tmp_path, mo
                    "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "stage" in err and "GiB of host memory" in err and err.count("\n") == 1
+
+
+def test_a_narrowing_placement_gives_the_original_weights_back():
+    """float32 -> bfloat16 for the backward passes is not exact both ways: the originals come back."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1 + 2**-20  # not a bfloat16 number
+    before = weights(model)
+    with placement.placed(model, torch.device("cpu"), torch.bfloat16):
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert same(before, weights(model)) and model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+
+
+def test_an_interrupted_first_pass_leaves_the_model_as_it_was(monkeypatch):
+    from tacq_lite.algo import gptq
+
+    calls = {"n": 0}
+    real = gptq.GPTQ.quantize
+
+    def stop_on_the_ninth(self, **kw):  # inside layer 1, after layer 0 was restored
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(self, **kw)
+
+    monkeypatch.setattr(gptq.GPTQ, "quantize", stop_on_the_ninth)
+    model = tiny_llama()
+    before = weights(model)
+    config = QuantConfig(method="tacq", bits=3, n_calib=4, seq_len=32, mse=False)
+    with pytest.raises(KeyboardInterrupt):
+        passes.gptq_quantize(model, WINDOWS, config, restore=True, progress=False)
+    assert same(before, weights(model))
+
+
+def test_spilled_tensor_names_never_share_a_file(tmp_path):
+    from tacq_lite.io import SpilledTensors
+
+    store = SpilledTensors(folder=tmp_path)
+    store["a"], store["b"] = torch.zeros(2), torch.ones(2)
+    del store["a"]
+    store["c"] = torch.full((2,), 7.0)
+    store["b"] = torch.full((2,), 3.0)  # set again: the old file goes
+    assert torch.equal(store["b"], torch.full((2,), 3.0)) and torch.equal(store["c"], torch.full((2,), 7.0))
+    assert len(list(next(tmp_path.iterdir()).iterdir())) == 2
+    store.close()
+
+
+def test_a_bfloat16_model_saves_packed_and_loads_back(tmp_path):
+    """Its weights hold each grid value rounded to bfloat16: packing checks them in that dtype."""
+    from tacq_lite.model.checkpoint import load_quantized
+
+    config = QuantConfig(method="tacq", bits=3, n_calib=4, seq_len=32, mse=False, ratio=0.01, dtype="bfloat16",
+                         device="cpu", parallel=False, cache_dir=str(tmp_path / "c"))
+    model = tiny_llama().to(torch.bfloat16)
+    result = experiment.quantize_model(model, WINDOWS, config, progress=False)
+    experiment.save_packed(model, None, result, str(tmp_path / "q"))
+    loaded = load_quantized(str(tmp_path / "q"))[0]
+    with torch.no_grad():
+        want, got = model(WINDOWS[:1]).logits.float(), loaded(WINDOWS[:1]).logits.float()
+    assert (want - got).abs().max() < 0.02 * want.abs().max()  # fp16 scales and zeros on disk

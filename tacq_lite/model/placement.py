@@ -91,9 +91,10 @@ def onloaded(module: nn.Module, device: torch.device | None):
 def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None):
     """The whole model on `device` in `dtype` (None: as it is) for the duration, then back.
 
-    Parameters and buffers are converted in place, so no second copy of the model exists. Each
-    floating tensor goes back to the dtype it had; from bfloat16 or float16 to float32 and back
-    is exact, so the model returns bit for bit. Nothing moves when it is already there.
+    Parameters and buffers are converted in place. Each floating tensor goes back to the dtype it
+    had, bit for bit: from bfloat16 or float16 to float32 and back is exact; for a narrowing
+    conversion (float32 to bfloat16) the original tensors are kept aside and put back, which costs
+    their memory for the duration. Nothing moves when it is already there.
     """
     slots = [(m, store, name) for m in model.modules() for store in (m._parameters, m._buffers)
              for name, t in store.items() if t is not None]
@@ -101,16 +102,23 @@ def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None = N
     if all(dev == device and (dtype is None or dt == dtype or not dt.is_floating_point) for dev, dt in home):
         yield model
         return
+    # A narrowing conversion (float32 -> bfloat16) is not exact both ways: those tensors' originals
+    # are kept aside (where they are) and put back; a widening one is, and nothing is kept.
+    narrowed = {i: (store[name].data if isinstance(store[name], nn.Parameter) else store[name])
+                for i, (_m, store, name) in enumerate(slots)
+                if dtype is not None and store[name].is_floating_point() and store[name].element_size() >
+                dtype.itemsize}
     model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
     try:
         yield model
     finally:
-        for (_m, store, name), (dev, dt) in zip(slots, home):
+        for i, ((_m, store, name), (dev, dt)) in enumerate(zip(slots, home)):
             t = store[name]
-            if isinstance(t, nn.Parameter):
-                t.data = t.data.to(dev, dt)  # the same Parameter object: ties and references survive
+            back = narrowed[i] if i in narrowed else None
+            if isinstance(t, nn.Parameter):  # the same Parameter object: ties and references survive
+                t.data = back if back is not None else t.data.to(dev, dt)
             else:
-                store[name] = t.to(dev, dt)
+                store[name] = back if back is not None else t.to(dev, dt)
 
 
 def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
@@ -120,8 +128,8 @@ def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     inside = {id(m) for m in layers.modules()}
     out = []
     for m in model.modules():
-        if id(m) in inside:
-            continue
+        if id(m) in inside or any(id(c) == id(layers) for c in m.modules()):
+            continue  # inside a layer, or an ancestor of them (moving it would move every layer)
         if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
             out.append(m)
     return out

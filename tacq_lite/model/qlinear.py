@@ -89,8 +89,9 @@ class QuantLinear(nn.Module):
             codes = quantize(W, scale.float(), zero.float(), bits=bits)  # [out, in], recovers the codes of W_hat
         elif codes.dtype != torch.uint8 or codes.shape != W.shape:
             raise ValueError(f"codes must be uint8 {tuple(W.shape)}, got {codes.dtype} {tuple(codes.shape)}.")
-        off_grid = (dequantize(codes, scale.float(), zero.float()) - W).abs() \
-            > 1e-4 * W.abs().max().clamp_min(1e-12)  # [out, in]
+        # A bfloat16 / float16 model holds each grid value rounded to its dtype: compare in that dtype.
+        on_grid = dequantize(codes, scale.float(), zero.float()).to(linear.weight.dtype).float()  # [out, in]
+        off_grid = (on_grid - W).abs() > 1e-4 * W.abs().max().clamp_min(1e-12)  # [out, in]
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != W.shape:
                 raise ValueError(f"mask must be bool {tuple(W.shape)}, got {mask.dtype} {tuple(mask.shape)}.")

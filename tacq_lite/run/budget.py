@@ -13,7 +13,7 @@ The memory design priced here, stage by stage (TaCQ, Xiao et al., 2025, arXiv 25
              host, one sample's activations (algo/gradients.py); Q(W) − W waits on disk;
   scoring    |W|·|G|·|Q(W) − W| one linear at a time (run/tacq.py); G, Q(W) − W (bf16) and the
              keep-masks (bool) of every targeted weight on the compute device;
-  gptq_2     the masked GPTQ pass, priced like gptq_1 plus the keep-masks.
+  gptq_2     the masked GPTQ pass, priced like gptq_1, with the keep-masks on the host.
 method="gptq" has the load and gptq stages only. With device="cpu" the device parts are host parts.
 The KL reference (log-probs of the full-precision model) and Q(W) − W between the first pass and
 scoring (io.SpilledTensors) are stored on disk, priced as `disk`.
@@ -211,18 +211,20 @@ class Budget:
 def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: str = "float32",
            accum_device: str | None = None, checkpointing: bool = False, n_calib: int = 128,
            seq_len: int = 2048, n_eval: int = 8, squares: bool = False, method: str = "tacq",
-           worker: bool = False, head_chunk: int | None = HEAD_CHUNK) -> Budget:
+           worker: bool = False, head_chunk: int | None = HEAD_CHUNK, cache: bool = True) -> Budget:
     """Price one run; accum_device=None keeps G beside the weights (on `device`).
 
     worker=True: the CPU's forked gradient worker (run/parallel.py), whose backward passes run beside
     the first GPTQ pass. head_chunk: positions whose logits exist at once in backward
-    (algo/gradients.py's HEAD_CHUNK); None prices the whole [T − 1, vocab] logits, as before it."""
+    (algo/gradients.py's HEAD_CHUNK); None prices the whole [T − 1, vocab] logits, as before it.
+    cache=True (tacq_quantize's default): writing the score cache holds one part (G, then Q(W) − W)
+    in host memory twice, the tensors and safetensors' serialized copy, after the backward passes."""
     s = model_shape(shape)
     accum_device = None if accum_device == device else accum_device  # beside the weights either way
     settings = {"dtype": _dtype(dtype), "device": device, "grad_dtype": _dtype(grad_dtype),
                 "accum_device": accum_device, "checkpointing": checkpointing, "n_calib": n_calib,
                 "seq_len": seq_len, "n_eval": n_eval, "squares": squares, "method": method, "worker": worker,
-                "head_chunk": head_chunk}
+                "head_chunk": head_chunk, "cache": cache}
     if worker and device != "cpu":
         raise ValueError("worker=True is the CPU's forked gradient worker; it needs device='cpu'.")
     if device not in ("cpu", "cuda") or accum_device not in (None, "cpu", device):
@@ -266,7 +268,9 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
     # Scoring and the masked pass run where the compute is: G and Q(W) − W (bf16) and the masks live there.
     on["scoring"].update({"G": n * CACHE_BYTES, "Q(W)-W": n * CACHE_BYTES, "keep masks": n * MASK_BYTES})
     on["scoring"]["score working set"] = SCORE_TEMPS * s.largest * 4
-    on["gptq_2"]["keep masks"] = n * MASK_BYTES
+    if cache and method == "tacq":  # written just before scoring (run/tacq.py), one part at a time
+        host["scoring"]["score cache write"] = 2 * n * CACHE_BYTES
+    host["gptq_2"]["keep masks"] = n * MASK_BYTES  # moved to the host with the layers (run/tacq.py)
     keep = STAGES if method == "tacq" else ("load", "gptq_1")
     rename = {"gptq_1": "gptq"} if method == "gptq" else {}
     host_parts = {rename.get(st, st): host[st] for st in keep}

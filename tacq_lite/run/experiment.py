@@ -109,7 +109,8 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
     bud = budget.budget(shape, dtype=config.dtype, device=device.type, grad_dtype=config.grad_dtype,
                         accum_device=config.accum_device, checkpointing=config.checkpointing, n_calib=config.n_calib,
                         seq_len=config.seq_len, n_eval=n_eval, method=config.method, worker=worker)
-    budget.check_fits(bud)
+    free = torch.cuda.mem_get_info(device)[0] + budget.CUDA_CONTEXT_BYTES if device.type == "cuda" else None
+    budget.check_fits(bud, device_bytes=free)  # the GPU the run will use, not the current one
 
 
 def environment(device: torch.device) -> dict:
@@ -251,8 +252,9 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         if config.kl and streams and config.method != "fp":
             t = time.perf_counter()
             with placement.placed(model, device):
-                references = {name: ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
-                                                      desc=f"reference {name}") for name, tokens in streams.items()}
+                for name, tokens in streams.items():  # one at a time, so the finally closes those made so far
+                    references[name] = ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
+                                                         desc=f"reference {name}")
             seconds["reference"] = time.perf_counter() - t
             trim_heap()  # the reference passes' freed activations, before the quantization starts
         record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
@@ -379,8 +381,9 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
                 raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which "
                                  f"cannot be loaded: {err} Pass --no-kl to evaluate without it.") from None
             with placement.placed(reference, device):
-                references = {name: ReferenceLogprobs(reference, tokens, seq_len=config.seq_len, progress=progress,
-                                                      desc=f"reference {name}") for name, tokens in streams.items()}
+                for name, tokens in streams.items():
+                    references[name] = ReferenceLogprobs(reference, tokens, seq_len=config.seq_len,
+                                                         progress=progress, desc=f"reference {name}")
             del reference  # only its log-probabilities, on disk, are needed
         with placement.placed(model, device):
             metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,

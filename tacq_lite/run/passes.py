@@ -100,7 +100,7 @@ def gptq_quantize(
 
     masks: {linear: bool [rows, cols]} of weights to keep in 16-bit (TaCQ's second pass; what they
     store: config.keep_value). device: the compute device; the decoder layers are onloaded to it
-    one at a time (walk.sequential_pass); grids and codes stay there, errors go to the host. restore=True
+    one at a time (walk.sequential_pass); what the pass returns is on the host. restore=True
     (TaCQ's first pass): each layer gets its full-precision weights back once its quantized
     outputs have been passed on, and `errors` holds Q(W) − W (in the mapping given as `errors`, e.g.
     io.SpilledTensors to keep them on disk; a dict by default); only one layer's weights are copied
@@ -130,16 +130,23 @@ def gptq_quantize(
             linear.weight.data = W_hat
         else:
             linear.weight.data.copy_(W_hat)
-        out.loss[name], out.grids[name] = res.loss, (res.scale, res.zero)
+        # What the pass returns goes to the host: the layers do, and so must what packs them.
+        out.loss[name], out.grids[name] = res.loss, (res.scale.cpu(), res.zero.cpu())
         if not restore:  # the first pass's codes are never packed: 1 byte per weight not kept
-            out.codes[name] = res.codes
-        out.H_diag[name], out.Hinv_diag[name] = H_diag, res.Hinv_diag
+            out.codes[name] = res.codes.cpu()
+        out.H_diag[name], out.Hinv_diag[name] = H_diag.cpu(), res.Hinv_diag.cpu()
 
     def put_back(i: int, layer: nn.Module) -> None:
         for short, linear in walk.layer_linears(layer).items():
             linear.weight.data = originals.pop(f"model.layers.{i}.{short}")
         trim_heap()  # this layer's quantized weights and working sets, freed just now
 
-    walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress,
-                         device=device, after_layer=put_back if restore else None)
+    try:
+        walk.sequential_pass(model, windows, make_stats=lambda _n, lin: GPTQ(lin), finish=finish, progress=progress,
+                             device=device, after_layer=put_back if restore else None)
+    except BaseException:  # interrupted or failed inside a layer: its full-precision weights go back too
+        linears = walk.named_linears(model)
+        for name, original in originals.items():
+            linears[name].weight.data = original.to(linears[name].weight.device)
+        raise
     return out

@@ -117,28 +117,28 @@ def compute_importance(
         grads = store.load(gkey)
         if needs & {"G", "G2"} - grads.keys() and with_worker:
             job = parallel.GradientWorker(model, samples, squares="G2" in needs or "G2" in grads)
+    qw: dict = {}
     try:
         qw = _step1_qw(model, windows, config, needs, store, meta, one_thread=with_worker, device=device,
                        progress=progress)
         if needs & {"G", "G2"}:
             grads = _step2_gradients(model, samples, needs, grads, store, gkey, meta, job=job, config=config,
                                      device=device, progress=progress)
+        if "qw_key" in meta:  # after the backward passes, when writing it (a copy in memory) costs no peak
+            key = meta.pop("qw_key")
+            if store.enabled:
+                meta["files"]["qw"] = store.save(key, qw)
+        linears = walk.named_linears(model)
+
+        def on_device(d: dict | None) -> dict | None:  # moved one linear at a time, each host copy dropped at once
+            return None if d is None else {n: d.pop(n).to(device) for n in linears}
+
+        E = on_device(qw.get("E")) if "QW" in needs else None
     finally:
         if job is not None:  # finished, failed or interrupted: the worker is gone and its buffer freed
             job.cancel()
-    if "qw_key" in meta:  # after the backward passes, when writing it (a copy in memory) costs no peak
-        key = meta.pop("qw_key")
-        if store.enabled:
-            meta["files"]["qw"] = store.save(key, qw)
-
-    linears = walk.named_linears(model)
-
-    def on_device(d: dict | None) -> dict | None:  # moved one linear at a time, each host copy dropped at once
-        return None if d is None else {n: d.pop(n).to(device) for n in linears}
-
-    E = on_device(qw.get("E")) if "QW" in needs else None
-    if isinstance(qw.get("E"), SpilledTensors):
-        qw["E"].close()
+        if isinstance(qw.get("E"), SpilledTensors):  # Q(W) − W's files on disk, whatever happened
+            qw["E"].close()
     W = PerLinear(linears, lambda n: linears[n].weight.detach().to(device, torch.float32))  # [rows, cols]
     QW = None if E is None else PerLinear(linears, lambda n: W[n] + E[n].float())
     if materialize:
@@ -294,6 +294,7 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
                                     materialize=False)
         t = time.perf_counter()
         masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
+        masks = {n: m.cpu() for n, m in masks.items()}  # beside the layers, which live on the host
         seconds["score"] = time.perf_counter() - t
         inputs_meta = inputs.meta
         del inputs  # G and Q(W) − W are not needed by the final pass
