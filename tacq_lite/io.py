@@ -217,3 +217,42 @@ class SpilledTensors(MutableMapping):
     def close(self) -> None:
         self._files.clear()
         self._dir.cleanup()
+
+
+SAFETENSORS_DTYPES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+                      "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+                      "torch.uint8": "U8", "torch.bool": "BOOL"}
+
+
+def write_safetensors(path: str | os.PathLike, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` ({name: tensor}, any Mapping) to `path` in the safetensors format, one tensor at a time.
+
+    safetensors' own save_file first turns every tensor into bytes, so writing N bytes of tensors
+    holds 2N in memory; here each tensor is read (tensors[name], which may load it from disk or a
+    GPU) once for its shape and once for its bytes, and only one is held at a time. The layout is
+    the format's: an 8-byte little-endian header length, a JSON header (dtype, shape and data
+    offsets of each tensor, and `__metadata__`) padded with spaces to a multiple of 8, then the
+    tensors' bytes in header order. Writes `path` directly: wrap it in atomic_file.
+    """
+    import struct
+
+    import torch
+
+    names = list(tensors)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+        del t
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t

@@ -302,7 +302,11 @@ def test_a_cache_that_cannot_be_written_warns_and_the_run_goes_on(clean, tmp_pat
     def full_disk(*_a, **_kw):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    def full_disk_stream(*_a, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # Q(W) − W's spill files: kept in memory
+    monkeypatch.setattr(score_cache, "write_safetensors", full_disk_stream)  # the cache files
     config, want = clean
     with pytest.warns(score_cache.CacheWarning, match="could not write .*No space left"):
         masks, info = run_tacq(config.replace(cache_dir=str(tmp_path)))

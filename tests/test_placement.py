@@ -349,3 +349,19 @@ def test_a_bfloat16_model_saves_packed_and_loads_back(tmp_path):
     with torch.no_grad():
         want, got = model(WINDOWS[:1]).logits.float(), loaded(WINDOWS[:1]).logits.float()
     assert (want - got).abs().max() < 0.02 * want.abs().max()  # fp16 scales and zeros on disk
+
+
+def test_streamed_safetensors_are_what_safetensors_reads(tmp_path):
+    """io.write_safetensors writes one tensor at a time; safetensors' own reader gets every tensor back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tacq_lite.io import write_safetensors
+
+    tensors = {"G/a": torch.randn(3, 5).to(torch.bfloat16), "E/b": torch.randn(7), "c": torch.arange(6).view(2, 3),
+               "m": torch.rand(4) > 0.5, "h": torch.randn(2, 2).half()}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"key": "value"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        assert f.metadata() == {"key": "value"}

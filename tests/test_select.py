@@ -146,14 +146,14 @@ def test_cache_roundtrip_and_key_mismatch(tmp_path):
 def test_killed_write_never_exposes_a_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "scores.safetensors"
     save_cache(path, {"G/a": torch.ones(2, 2)}, KEY)
-    import safetensors.torch
+    from tacq_lite.run import score_cache
 
-    def dies_midway(tensors, filename, metadata=None):
+    def dies_midway(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"\x00" * 7)  # some bytes of the new file, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    monkeypatch.setattr(score_cache, "write_safetensors", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save_cache(path, {"G/a": torch.zeros(2, 2)}, {**KEY, "bits": 2})
     assert torch.equal(load_cache(path, KEY)["G/a"], torch.ones(2, 2))  # the old file is intact

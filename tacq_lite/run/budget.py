@@ -217,8 +217,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
     worker=True: the CPU's forked gradient worker (run/parallel.py), whose backward passes run beside
     the first GPTQ pass. head_chunk: positions whose logits exist at once in backward
     (algo/gradients.py's HEAD_CHUNK); None prices the whole [T − 1, vocab] logits, as before it.
-    cache=True (tacq_quantize's default): writing the score cache holds one part (G, then Q(W) − W)
-    in host memory twice, the tensors and safetensors' serialized copy, after the backward passes."""
+    cache=True (tacq_quantize's default): the score cache is written after the backward passes, one
+    tensor at a time through host memory."""
     s = model_shape(shape)
     accum_device = None if accum_device == device else accum_device  # beside the weights either way
     settings = {"dtype": _dtype(dtype), "device": device, "grad_dtype": _dtype(grad_dtype),
@@ -268,8 +268,8 @@ def budget(shape, *, dtype: str = "float32", device: str = "cpu", grad_dtype: st
     # Scoring and the masked pass run where the compute is: G and Q(W) − W (bf16) and the masks live there.
     on["scoring"].update({"G": n * CACHE_BYTES, "Q(W)-W": n * CACHE_BYTES, "keep masks": n * MASK_BYTES})
     on["scoring"]["score working set"] = SCORE_TEMPS * s.largest * 4
-    if cache and method == "tacq":  # written just before scoring (run/tacq.py), one part at a time
-        host["scoring"]["score cache write"] = 2 * n * CACHE_BYTES
+    if cache and method == "tacq":  # written just before scoring, one tensor at a time (io.write_safetensors)
+        host["scoring"]["score cache write"] = s.largest * CACHE_BYTES
     host["gptq_2"]["keep masks"] = n * MASK_BYTES  # moved to the host with the layers (run/tacq.py)
     keep = STAGES if method == "tacq" else ("load", "gptq_1")
     rename = {"gptq_1": "gptq"} if method == "gptq" else {}

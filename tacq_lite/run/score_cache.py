@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..io import atomic_file
+from ..io import atomic_file, write_safetensors
 from ..model import walk
 from ..model.loading import cache_dir
 
@@ -57,19 +57,19 @@ def cache_checksum(tensors: Mapping[str, torch.Tensor], key_text: str) -> str:
 def save_cache(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], key: Mapping) -> Path:
     """Write tensors + JSON key + checksum to `path` (safetensors) atomically; returns the path.
 
-    Any failure to write (full disk, read-only place) is an OSError naming the file; nothing is
-    left under the real name or the temporary one.
+    `tensors` may be any Mapping whose lookups load a tensor (from a GPU, or from disk: io.SpilledTensors);
+    the checksum pass and the writing pass each take one tensor at a time (io.write_safetensors), so
+    writing the cache of an 8B model does not hold it in memory twice. Any failure to write (full
+    disk, read-only place) is an OSError naming the file; nothing is left under the real name or the
+    temporary one.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     path = Path(path)
-    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     key_text = _key_text(key)
+    metadata = {KEY_FIELD: key_text, CHECKSUM_FIELD: cache_checksum(tensors, key_text)}
     try:
         with atomic_file(path, fsync=True) as tmp:  # the data is on disk before the name points at it
-            save_file(tensors, str(tmp), metadata={KEY_FIELD: key_text, CHECKSUM_FIELD: cache_checksum(tensors, key_text)})
-    except SafetensorError as err:  # safetensors reports a full disk as its own error type
+            write_safetensors(tmp, tensors, metadata)
+    except OSError as err:
         raise OSError(f"could not write score cache {path}: {err}") from None
     return path
 
@@ -170,8 +170,26 @@ def _part(tensors: dict, prefix: str) -> dict[str, torch.Tensor] | None:
     return found or None
 
 
-def _flat(**parts) -> dict[str, torch.Tensor]:
-    return {f"{p}/{n}": t for p, d in parts.items() if d for n, t in d.items()}
+class _Flat(Mapping):
+    """{"part/linear": tensor} over parts {part: {linear: tensor}}, looked up lazily (a part may be
+    io.SpilledTensors, read from disk one tensor at a time)."""
+
+    def __init__(self, parts: dict):
+        self._parts = {p: d for p, d in parts.items() if d}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        part, _, linear = name.partition("/")
+        return self._parts[part][linear]
+
+    def __iter__(self):
+        return (f"{p}/{n}" for p, d in self._parts.items() for n in d)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._parts.values())
+
+
+def _flat(**parts) -> Mapping[str, torch.Tensor]:
+    return _Flat(parts)
 
 
 def _save(path: Path, tensors: dict, key: dict, log) -> str | None:
