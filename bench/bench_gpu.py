@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                    lambda: compute_importance(model, windows, config, cache=False, progress=False, materialize=False))
     record["seconds"]["qw"], record["seconds"]["gradients"] = (inputs.meta["seconds"]["qw"],
                                                                inputs.meta["seconds"]["gradients"])
-    masks = stage(record, "score", device, lambda: build_masks(inputs, selector="tacq", ratio=args.ratio))
+    masks = stage(record, "score", device, lambda i=inputs: build_masks(i, selector="tacq", ratio=args.ratio))
     del inputs
     stage(record, "masked_gptq", device,
           lambda: passes.gptq_quantize(model, windows, config, masks=masks, device=device, progress=False))
