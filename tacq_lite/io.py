@@ -18,8 +18,8 @@ import os
 import secrets
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Iterator
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, data/, tacq_lite/

@@ -227,7 +227,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
     from ..model.loading import load_model
 
     check_evals(config.evals)
-    device, _ = compute_placement(config)  # a GPU that is not there fails before anything is loaded
+    device, dtype = compute_placement(config)  # a GPU that is not there fails before anything is loaded
     check_memory(config, device)  # so does a run the byte budget says cannot fit
     if save is not None:
         from ..model.checkpoint import check_save_target
@@ -238,7 +238,6 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         check_output_dir(Path(save).expanduser().parent, "--save")
     if config.cache_dir is not None and config.method == "tacq":
         check_output_dir(config.cache_dir, "--cache-dir")
-    dtype = placement.resolve_dtype(config.dtype)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -251,10 +250,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
     try:
         if config.kl and streams and config.method != "fp":
             t = time.perf_counter()
-            with placement.placed(model, device):
-                for name, tokens in streams.items():  # one at a time, so the finally closes those made so far
-                    references[name] = ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
-                                                         desc=f"reference {name}")
+            reference_logprobs(model, streams, config, device, into=references, progress=progress)
             seconds["reference"] = time.perf_counter() - t
             trim_heap()  # the reference passes' freed activations, before the quantization starts
         record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
@@ -263,6 +259,17 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
         for r in references.values():
             r.close()
     return record
+
+
+def reference_logprobs(model, streams: dict, config: QuantConfig, device: torch.device, *, into: dict,
+                       progress: bool = True) -> None:
+    """The full-precision model's log-probabilities on each perplexity stream, on disk, for KL.
+
+    Put into `into` one stream at a time, so a caller's `finally` closes every one made before an error."""
+    with placement.placed(model, device):
+        for name, tokens in streams.items():
+            into[name] = ReferenceLogprobs(model, tokens, seq_len=config.seq_len, progress=progress,
+                                           desc=f"reference {name}")
 
 
 def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite, progress,
@@ -380,10 +387,7 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
             except (ValueError, FileNotFoundError) as err:
                 raise ValueError(f"KL needs the full-precision model the saved one came from ({source}), which "
                                  f"cannot be loaded: {err} Pass --no-kl to evaluate without it.") from None
-            with placement.placed(reference, device):
-                for name, tokens in streams.items():
-                    references[name] = ReferenceLogprobs(reference, tokens, seq_len=config.seq_len,
-                                                         progress=progress, desc=f"reference {name}")
+            reference_logprobs(reference, streams, config, device, into=references, progress=progress)
             del reference  # only its log-probabilities, on disk, are needed
         with placement.placed(model, device):
             metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,
