@@ -1,6 +1,9 @@
 """tacq_lite: learn and use Task-Circuit Quantization (Xiao et al., 2025, arXiv 2504.07389)."""
 from .config import QuantConfig
+from .model.hf_quantizer import register as _register_with_transformers
 from .model.loading import load_model, tiny_llama
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(saved folder) loads the packed model
 
 __version__ = "0.1.0"
 

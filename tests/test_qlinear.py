@@ -144,7 +144,7 @@ def test_convert_needs_every_grid(packed_tiny):
 
 def test_save_load_round_trip(packed_tiny, tmp_path):
     _, packed, _ = packed_tiny
-    meta = save_quantized(packed, tmp_path / "m", info={"note": "tiny"})
+    meta = save_quantized(packed, tmp_path / "m", info={"note": "tiny"}, unquantized_dtype="float32")
     assert meta["format_version"] == FORMAT_VERSION and meta["info"] == {"note": "tiny"}
     assert not list(tmp_path.glob("m.tmp-*"))  # no temporary folder left behind
     loaded, tok, meta2 = load_quantized(tmp_path / "m")
@@ -177,12 +177,12 @@ def test_save_refuses_to_clobber(packed_tiny, tmp_path):
 
 def test_interrupted_save_leaves_nothing(packed_tiny, tmp_path, monkeypatch):
     _, packed, _ = packed_tiny
-    import safetensors.torch
+    from tacq_lite.model import checkpoint
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(packed, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -214,7 +214,7 @@ def test_unknown_format_version_is_refused(saved):
     meta = json.loads((saved / META_FILE).read_text())
     meta["format_version"] = FORMAT_VERSION + 1
     (saved / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format_version 2 is not supported"):
+    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1} is not supported"):
         load_quantized(saved)
 
 
