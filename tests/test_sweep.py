@@ -1,26 +1,33 @@
 import json
+import os
+import socket
+import time
 
 import nbformat
 import pytest
 
 from tacq_lite import cli
-from tacq_lite.course import sweep
+from tacq_lite.course import executors, sweep
+
+
+def _write_notebook(path, body: str):
+    """A notebook declaring bits, ratio and results_path, then running `body`."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("bits = 3\nratio = 0.0\nresults_path = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
 
 
 @pytest.fixture
 def tiny_notebook(tmp_path):
     """A notebook declaring bits and ratio; it fails when bits == 99 and records bits * ratio."""
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("bits = 3\nratio = 0.0\nresults_path = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
+    return _write_notebook(tmp_path / "tiny.ipynb", (
         "import json\nassert bits != 99, 'bits 99 is not a thing'\n"
         "if results_path:\n    json.dump({'product': bits * ratio, 'nested': {'bits': bits}}, open(results_path, 'w'))"
-    )]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "tiny.ipynb"
-    nbformat.write(nb, path)
-    return path
+    ))
 
 
 def test_parse_grid_reads_yaml_scalars():
@@ -71,9 +78,8 @@ def test_grid_names_are_checked(tiny_notebook, tmp_path):
 def test_sweep_runs_collects_and_resumes(tiny_notebook, tmp_path):
     out = tmp_path / "out"
     calls = []
-    real = None
 
-    def execute(src, dst, parameters, cwd):
+    def execute(src, dst, parameters, cwd):  # `real` is defined below, before the first call
         calls.append(parameters["bits"])
         if parameters["bits"] == 3 and parameters["ratio"] == 0.5 and len(calls) == 2:
             dst.write_text("{}")  # a partial notebook, then the interrupt
@@ -120,3 +126,146 @@ def test_cli_sweep_with_papermill(tiny_notebook, tmp_path, capsys):
     (tmp_path / "junk" / "x").write_text("x")
     assert cli.main(["sweep", "-p", "bits=2", "--notebook", str(tiny_notebook), "--out", str(tmp_path / "junk")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# --- parallel and cluster sweeps -------------------------------------------------------------------
+
+PARALLEL_GRID = {"bits": [2, 3, 4, 99], "ratio": [0.5]}  # three runs and one failure
+
+
+@pytest.fixture(scope="module")
+def threads_notebook(tmp_path_factory):
+    """The tiny notebook, also recording what its kernel saw: the process that started it (a
+    sweep worker), OMP_NUM_THREADS and torch's thread count."""
+    return _write_notebook(tmp_path_factory.mktemp("nb") / "threads.ipynb", (
+        "import json, os, torch\nassert bits != 99, 'bits 99 is not a thing'\n"
+        "worker = {'pid': os.getppid(), 'omp': os.environ.get('OMP_NUM_THREADS'), 'torch_threads': torch.get_num_threads()}\n"
+        "json.dump({'product': bits * ratio, 'nested': {'bits': bits}, 'worker': worker}, open(results_path, 'w'))"
+    ))
+
+
+@pytest.fixture(scope="module")
+def serial_rows(threads_notebook, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial") / "out"
+    return sweep.run_sweep(PARALLEL_GRID, out_dir=out, notebook=threads_notebook, log=lambda *_: None)
+
+
+def _without_worker(rows):
+    """The rows minus what depends on where a run executed."""
+    return [{k: v for k, v in r.items() if not k.startswith("worker.")} for r in rows]
+
+
+def test_two_workers_give_the_serial_table_with_one_thread_each(threads_notebook, serial_rows, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr(executors, "available_cpus", lambda: 2)  # 2 cores / 2 workers: 1 thread each, anywhere
+    out, lines = tmp_path / "out", []
+    t = time.perf_counter()
+    rows = sweep.run_sweep(PARALLEL_GRID, out_dir=out, notebook=threads_notebook, workers=2, log=lines.append)
+    print(f"2-worker sweep of 4 runs: {time.perf_counter() - t:.1f} s")
+    assert "on 2 local worker processes, 1 thread each" in lines[0]
+    assert [r["status"] for r in serial_rows] == ["done", "done", "done", "failed"]
+    assert _without_worker(rows) == _without_worker(serial_rows)  # same rows, same values, grid order
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    done = [r for r in rows if r["status"] == "done"]
+    assert {(r["worker.omp"], r["worker.torch_threads"]) for r in done} == {("1", 1)}
+    assert len({r["worker.pid"] for r in done}) == 2  # two worker processes shared the runs
+    assert os.getpid() not in {r["worker.pid"] for r in done}
+    err = json.loads((out / "runs" / f"{rows[3]['run']}.error.json").read_text())
+    assert err["error"] == "AssertionError: bits 99 is not a thing" and err["params"]["bits"] == 99
+
+    # a rerun, here serial, takes up the files the workers wrote: only the failed run is redone
+    calls = []
+
+    def execute(src, dst, parameters, cwd):
+        calls.append(parameters["bits"])
+        raise RuntimeError("still broken")
+
+    lines.clear()
+    rows = sweep.run_sweep(PARALLEL_GRID, out_dir=out, notebook=threads_notebook, execute=execute, log=lines.append)
+    assert calls == [99] and "3 already done, 1 to run" in lines[0]
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
+    assert rows[3]["error"] == "RuntimeError: still broken"
+
+
+def test_a_dask_cluster_gives_the_serial_table(threads_notebook, serial_rows, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    out, lines = tmp_path / "out", []
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        rows = sweep.run_sweep(PARALLEL_GRID, out_dir=out, notebook=threads_notebook, scheduler=c.scheduler_address,
+                               log=lines.append)
+    assert f"on the Dask cluster at {c.scheduler_address} (2 worker threads)" in lines[0]
+    assert _without_worker(rows) == _without_worker(serial_rows)
+    # each Dask worker is a process of its own with OMP_NUM_THREADS=1 (its nanny sets it)
+    done = [r for r in rows if r["status"] == "done"]
+    assert {(r["worker.omp"], r["worker.torch_threads"]) for r in done} == {("1", 1)}
+    assert os.getpid() not in {r["worker.pid"] for r in done}
+
+
+def _record_bits(src, dst, parameters, cwd):
+    """An execute without a kernel: writes the notebook and results files a run must leave."""
+    dst.write_text("{}")
+    with open(parameters["results_path"], "w") as f:
+        json.dump({"bits": parameters["bits"]}, f)
+
+
+def _die_on_bits_3(src, dst, parameters, cwd):
+    """Kills its worker process on bits == 3, as the OOM killer would (module-level: the workers import it)."""
+    if parameters["bits"] == 3:
+        os._exit(1)
+    _record_bits(src, dst, parameters, cwd)
+
+
+def test_a_dead_worker_is_recorded_and_a_rerun_finishes(tiny_notebook, tmp_path):
+    out, grid = tmp_path / "out", {"bits": [2, 3, 4, 5]}
+    rows = sweep.run_sweep(grid, out_dir=out, notebook=tiny_notebook, workers=2, execute=_die_on_bits_3,
+                           log=lambda *_: None)
+    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("BrokenProcessPool")
+    # the others finished before the death, died with the pool, or were never started
+    assert all(r["status"] in ("done", "missing") or r["error"].startswith("BrokenProcessPool") for r in rows)
+    rows = sweep.run_sweep(grid, out_dir=out, notebook=tiny_notebook, execute=_record_bits, log=lambda *_: None)
+    assert [r["status"] for r in rows] == ["done"] * 4
+
+
+def test_workers_must_be_at_least_one(tiny_notebook, tmp_path, capsys):
+    for bad in ["0", "-2"]:
+        rc = cli.main(["sweep", "-p", "bits=2", "--notebook", str(tiny_notebook), "--out", str(tmp_path / "o"),
+                       "--workers", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"tacq-lite: error: workers must be a whole number of at least 1, got {bad}")
+        assert err.count("\n") == 1
+    with pytest.raises(sweep.SweepError, match="at least 1"):
+        sweep.run_sweep({"bits": [2]}, out_dir=tmp_path / "o", notebook=tiny_notebook, workers=1.5)
+    rc = cli.main(["sweep", "-p", "bits=2", "--notebook", str(tiny_notebook), "--out", str(tmp_path / "o"),
+                   "--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"])
+    assert rc == 2 and "not both" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_scheduler_that_does_not_answer_fails_fast_and_names_it(tiny_notebook, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    t = time.perf_counter()
+    rc = cli.main(["sweep", "-p", "bits=2", "--notebook", str(tiny_notebook), "--out", str(tmp_path / "o"),
+                   "--scheduler", address])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.perf_counter() - t < 5  # a refused port: at once, not after the timeout
+    assert err.startswith(f"tacq-lite: error: no Dask scheduler answered at {address}") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing written
+    # a port that accepts the connection and then says nothing: given up after the timeout
+    monkeypatch.setattr(executors, "SCHEDULER_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        t = time.perf_counter()
+        with pytest.raises(sweep.SweepError, match=f"no Dask scheduler answered at {address} within 1 s"):
+            sweep.run_sweep({"bits": [2]}, out_dir=tmp_path / "o", notebook=tiny_notebook, scheduler=address)
+        assert time.perf_counter() - t < 5
+    with pytest.raises(sweep.SweepError, match="answered at nonsense .*missing port"):
+        sweep.run_sweep({"bits": [2]}, out_dir=tmp_path / "o", notebook=tiny_notebook, scheduler="nonsense")

@@ -2,6 +2,8 @@
 
     tacq-lite sweep -p bits=2,3 -p ratio=0,0.0035 --out sweeps/bits_ratio
     tacq-lite sweep --grid grid.yaml --notebook notebooks/04_outlier_masking.ipynb --out sweeps/nb04
+    tacq-lite sweep -p bits=2,3 -p ratio=0,0.0035 --workers 2 --out sweeps/bits_ratio   # 2 runs at a time
+    tacq-lite sweep -p bits=2,3 --scheduler tcp://10.0.0.5:8786 --out /shared/sweeps/bits   # on a Dask cluster
 
 Every combination of the grid is one run: papermill executes the notebook with those
 parameters plus `results_path`, and the notebook writes its results there as JSON. An output
@@ -16,10 +18,16 @@ folder holds
 A run counts as done only when both its executed notebook and its results file exist. Both
 are written under temporary names and renamed when the run finishes, so an interrupted run
 leaves no file that looks done; a rerun skips the finished runs and redoes the rest.
+
+Runs execute one at a time in this process, N at a time in local worker processes, or on a Dask
+cluster (course/executors.py); wherever a run executes, it writes the same files, and this process
+reads them back into the table, in grid order.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -27,8 +35,10 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 from ..io import PACKAGE_ROOT, atomic_file, write_json_atomic
+from . import executors
 
 DEFAULT_NOTEBOOK = PACKAGE_ROOT / "notebooks" / "07_end_to_end.ipynb"
 DEFAULT_GRID = {"method": ["gptq", "tacq"]}  # two runs, a few minutes on 2 cores
@@ -213,58 +223,132 @@ def prepare(out_dir: str | os.PathLike, notebook: str | os.PathLike, grid: dict[
         write_json_atomic(spec_path, spec)
 
 
+class RunOutcome(NamedTuple):
+    run: str            # run_id(params)
+    status: str         # "done" or "failed"
+    seconds: float      # wall time of the run where it executed
+    error: str | None   # "ExceptionName: message" of a failed run
+
+
+def execute_with_papermill(src: Path, dst: Path, parameters: dict, cwd: Path, *, kernel: str = "python3") -> None:
+    import papermill
+
+    papermill.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                               progress_bar=False)
+
+
+def _record_failure(runs: Path, params: dict, err: BaseException) -> str:
+    """Write runs/<id>.error.json for a failed run; returns its one-line message."""
+    # papermill's error carries the notebook's own exception name and message
+    message = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"[:2000]
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    write_json_atomic(runs / f"{run_id(params)}.error.json", {"params": params, "error": message,
+                                                             "traceback": tb[-4000:]})
+    return message
+
+
+def run_one(params: dict, *, notebook: Path, runs: Path, kernel: str = "python3", execute=None) -> RunOutcome:
+    """Execute one combination and commit its files; a failure is recorded, not raised.
+
+    This is what a worker runs (in this process, a local worker process or a Dask worker), so it
+    takes absolute paths and returns plain data; the results themselves travel as files.
+    """
+    execute = execute or functools.partial(execute_with_papermill, kernel=kernel)
+    rid = run_id(params)
+    res, nb, err = (runs / f"{rid}{s}" for s in (".json", ".ipynb", ".error.json"))
+    tmp_res, tmp_nb = runs / f"{rid}.json.partial", runs / f"{rid}.partial.ipynb"
+    for stale in (res, nb, tmp_res, tmp_nb):  # an interrupted run is redone from scratch
+        stale.unlink(missing_ok=True)
+    t = time.perf_counter()
+    try:
+        execute(notebook, tmp_nb, {**params, "results_path": str(tmp_res)}, notebook.parent)
+        if not tmp_res.is_file():
+            raise RuntimeError(f"{notebook.name} finished but wrote no results to results_path.")
+        json.loads(tmp_res.read_text())  # a results file that is not JSON is a failure too
+        os.replace(tmp_res, res)
+        os.replace(tmp_nb, nb)  # last: its presence with res marks the run done
+        err.unlink(missing_ok=True)
+        return RunOutcome(rid, "done", time.perf_counter() - t, None)
+    except Exception as e:  # noqa: BLE001 -- a failed run is recorded and the sweep goes on
+        message = _record_failure(runs, params, e)
+        if tmp_nb.is_file():
+            os.replace(tmp_nb, runs / f"{rid}.failed.ipynb")
+        tmp_res.unlink(missing_ok=True)
+        return RunOutcome(rid, "failed", time.perf_counter() - t, message)
+
+
+def _outcome(future, params: dict, runs: Path) -> RunOutcome:
+    """The future's outcome; a run whose worker died (killed, out of memory) is recorded as failed here."""
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 -- BrokenProcessPool, distributed's KilledWorker, ...
+        return RunOutcome(run_id(params), "failed", 0.0, _record_failure(runs, params, e))
+
+
 def run_sweep(grid: dict[str, list] | None = None, *, out_dir: str | os.PathLike,
-              notebook: str | os.PathLike = DEFAULT_NOTEBOOK, kernel: str = "python3", log=print,
-              execute=None) -> list[dict]:
+              notebook: str | os.PathLike = DEFAULT_NOTEBOOK, kernel: str = "python3", workers: int = 1,
+              scheduler: str | None = None, log=print, execute=None) -> list[dict]:
     """Run every combination not yet done; returns the collected rows (also written to results.csv/json).
 
-    execute(notebook_in, notebook_out, parameters, cwd) runs one notebook (default: papermill).
+    workers=N runs N notebooks at a time in local processes of cpus // N threads each; scheduler
+    (a Dask address such as tcp://10.0.0.5:8786) sends the runs to that cluster's workers, which
+    must see the notebook and out_dir at the same paths (a shared filesystem). Rows come in grid
+    order whatever order the runs finish in.
+    execute(notebook_in, notebook_out, parameters, cwd) runs one notebook (default: papermill); with
+    workers > 1 or a scheduler it must be a module-level function, as it is sent to the workers.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"workers must be a whole number of at least 1, got {workers!r}: --workers 1 runs one "
+                         "notebook at a time, --workers N runs N at once on this machine.")
+    if scheduler is not None and workers != 1:
+        raise SweepError("give --workers (parallel runs on this machine) or --scheduler (runs on a Dask "
+                         "cluster, whose workers set the parallelism), not both.")
     grid = dict(DEFAULT_GRID if grid is None else grid)
-    notebook = Path(notebook)
+    notebook = Path(notebook).resolve()  # absolute: a worker may run in another folder or on another machine
     check_grid(grid, notebook)
+    try:
+        with executors.open_engine(workers=workers, scheduler=scheduler) as engine:
+            return _run_grid(engine, grid, out_dir=Path(out_dir), notebook=notebook, kernel=kernel, log=log,
+                             execute=execute)
+    except executors.EngineError as e:
+        raise SweepError(str(e)) from None
+
+
+def _run_grid(engine: executors.Engine, grid: dict[str, list], *, out_dir: Path, notebook: Path, kernel: str,
+              log, execute) -> list[dict]:
     prepare(out_dir, notebook, grid)
-    out_dir = Path(out_dir)
-    runs = out_dir / "runs"
-    if execute is None:
-        import papermill
-
-        def execute(src, dst, parameters, cwd):
-            papermill.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
-                                       progress_bar=False)
-
+    runs = (out_dir / "runs").resolve()
     combos = expand(grid)
     todo = [p for p in combos
             if not ((runs / f"{run_id(p)}.json").is_file() and (runs / f"{run_id(p)}.ipynb").is_file())]
-    log(f"sweep of {notebook.name}: {len(combos)} runs, {len(combos) - len(todo)} already done, {len(todo)} to run")
-    for i, params in enumerate(todo, 1):
-        rid = run_id(params)
-        res, nb, err = (runs / f"{rid}{s}" for s in (".json", ".ipynb", ".error.json"))
-        tmp_res, tmp_nb = runs / f"{rid}.json.partial", runs / f"{rid}.partial.ipynb"
-        for stale in (res, nb, tmp_res, tmp_nb):  # an interrupted run is redone from scratch
-            stale.unlink(missing_ok=True)
-        log(f"[{i}/{len(todo)}] {rid} ...")
-        t = time.perf_counter()
-        try:
-            execute(notebook, tmp_nb, {**params, "results_path": str(tmp_res.resolve())}, notebook.parent)
-            if not tmp_res.is_file():
-                raise RuntimeError(f"{notebook.name} finished but wrote no results to results_path.")
-            json.loads(tmp_res.read_text())  # a results file that is not JSON is a failure too
-            os.replace(tmp_res, res)
-            os.replace(tmp_nb, nb)  # last: its presence with res marks the run done
-            err.unlink(missing_ok=True)
-            log(f"[{i}/{len(todo)}] done in {time.perf_counter() - t:.0f} s, {len(todo) - i} left")
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 -- a failed run is recorded and the sweep goes on
-            # papermill's error carries the notebook's own exception name and message
-            message = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"[:2000]
-            write_json_atomic(err, {"params": params, "error": message,
-                                    "traceback": traceback.format_exc()[-4000:]})
-            if tmp_nb.is_file():
-                os.replace(tmp_nb, runs / f"{rid}.failed.ipynb")
-            tmp_res.unlink(missing_ok=True)
-            log(f"[{i}/{len(todo)}] FAILED ({type(e).__name__}); recorded in {err.name}, going on")
+    log(f"sweep of {notebook.name}: {len(combos)} runs, {len(combos) - len(todo)} already done, {len(todo)} to run"
+        + (f" on {engine.where}" if todo else ""))
+    queue = list(enumerate(todo, 1))[::-1]  # popped from the end: grid order
+    in_flight: dict = {}  # future -> (index, params)
+    slots = engine.slots or len(todo)
+    n_left = len(todo)
+    while queue or in_flight:
+        while queue and len(in_flight) < slots:
+            i, params = queue.pop()
+            log(f"[{i}/{len(todo)}] {run_id(params)} ...")
+            try:
+                future = engine.executor.submit(run_one, params, notebook=notebook, runs=runs, kernel=kernel,
+                                                execute=execute)
+            except concurrent.futures.BrokenExecutor:  # a worker process died; the pool takes no more runs
+                log(f"the worker pool broke; {len(queue) + 1} runs not started stay missing: rerun to resume")
+                queue.clear()
+                break
+            in_flight[future] = (i, params)
+        finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in sorted(finished, key=lambda f: in_flight[f][0]):
+            i, params = in_flight.pop(future)
+            outcome = _outcome(future, params, runs)
+            n_left -= 1
+            if outcome.status == "done":
+                log(f"[{i}/{len(todo)}] done in {outcome.seconds:.0f} s, {n_left} left")
+            else:
+                log(f"[{i}/{len(todo)}] FAILED ({outcome.error.split(':')[0]}); recorded in "
+                    f"{outcome.run}.error.json, going on")
     rows = collect(out_dir)
     csv_path, _ = write_table(out_dir, rows)
     done = sum(r["status"] == "done" for r in rows)
@@ -272,4 +356,5 @@ def run_sweep(grid: dict[str, list] | None = None, *, out_dir: str | os.PathLike
     return rows
 
 
-__all__ = ["DEFAULT_GRID", "DEFAULT_NOTEBOOK", "SweepError", "collect", "parse_grid", "read_grid_file", "run_sweep"]
+__all__ = ["DEFAULT_GRID", "DEFAULT_NOTEBOOK", "RunOutcome", "SweepError", "collect", "parse_grid", "read_grid_file",
+           "run_one", "run_sweep"]
