@@ -10,18 +10,21 @@ metric, the bits accounting, seconds per stage and the peak resident memory.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .algo.gptq import KEEP_VALUES
 from .config import METHODS, QuantConfig
 from .io import check_output_file, write_json_atomic
-from .run.experiment import EVALS, format_table, run_eval, run_quantize
+from .run.experiment import EVALS, HARNESS_PREFIX, format_table, run_eval, run_quantize
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     d = QuantConfig()
     p.add_argument("--eval", dest="evals", action="append", default=[],
-                   help=f"one of {', '.join(EVALS)} or a text file (perplexity); repeatable")
+                   help=f"one of {', '.join(EVALS)}, a text file (perplexity), or {HARNESS_PREFIX}<task>: an "
+                        "lm-evaluation-harness task, e.g. lm-eval:tacq_mmlu_astronomy (shared data, offline); "
+                        "repeatable")
     p.add_argument("--device", default=d.device,
                    help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
@@ -36,9 +39,13 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gsm8k-generate", dest="gsm8k_generate", action="store_false",
                    help="GSM8K answer NLL only, no generation (much faster on CPU)")
     p.add_argument("--synthetic-limit", type=int, default=d.synthetic_limit, help="items per synthetic task")
+    p.add_argument("--lm-eval-limit", type=int, default=d.lm_eval_limit,
+                   help="first documents of each lm-eval task (lm-eval's --limit; default: all)")
+    p.add_argument("--lm-eval-batch-size", type=int, default=d.lm_eval_batch_size, help="lm-eval's HFLM batch size")
     p.add_argument("--no-kl", dest="kl", action="store_false", help="skip KL to full precision (saves memory)")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON record here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no status lines: warnings, errors and the result only")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
@@ -79,6 +86,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
     p.add_argument("--save", default=None, help="save the quantized model here, packed (load it with `eval --load`)")
     p.add_argument("--overwrite", action="store_true", help="--save may replace a tacq_lite model saved there")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="--save splits the tensors into files of at most this size (e.g. 5GB, 500MB) with an index")
     _add_eval_args(p)
 
 
@@ -105,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", default=QuantConfig().model, help="or a float model: 'embedded', an HF id or folder")
     e.add_argument("--prompt", action="append", default=[], help="generate greedily from this prompt; repeatable")
     e.add_argument("--max-new-tokens", type=int, default=40)
+    e.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="ask each --prompt as a user turn of the tokenizer's chat template (default: when the "
+                        "tokenizer has one); the MMLU/GSM8K/perplexity protocols never use it")
     _add_eval_args(e)
     w = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill, collect one table")
     w.add_argument("-p", "--param", action="append", default=[], metavar="NAME=V1,V2",
@@ -113,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--notebook", default=None, help="notebook to run (default: notebooks/07_end_to_end.ipynb)")
     w.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     w.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    w.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N notebooks at once on this machine, each pinned to cpus/N threads (default 1)")
+    w.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="send the runs to a running Dask cluster, e.g. tcp://10.0.0.5:8786 (needs a shared "
+                        "filesystem for --out and the notebook)")
     sub.add_parser("budget", help="predict peak host / GPU memory of a run before starting it (see --help)",
                    add_help=False)
     st = sub.add_parser("student", help="write student copies of the notebooks, solutions removed")
@@ -120,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--out", required=True, help="folder for the student copies")
     st.add_argument("--overwrite", action="store_true", help="replace student copies already in --out")
     args = parser.parse_args(argv)
+    _configure_logging(quiet=getattr(args, "quiet", False))
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "student":
@@ -129,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_path:  # checked before any work: a wrong path must not cost the run
             check_output_file(args.json_path, "--json")
         if args.command == "quantize":
-            record = run_quantize(config, save=args.save, overwrite=args.overwrite, progress=not args.quiet)
+            record = run_quantize(config, save=args.save, overwrite=args.overwrite,
+                                  max_shard_size=args.max_shard_size, progress=not args.quiet)
         else:
             if args.max_new_tokens < 1:
                 raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}.")
@@ -137,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("nothing to do: give --eval NAME and/or --prompt TEXT.")
             record = run_eval(config, load=args.load, prompts=tuple(args.prompt), max_new_tokens=args.max_new_tokens,
                               progress=not args.quiet)
+        for g in record.get("generations", ()):
+            print(format_generation(g))
         if record["metrics"]:
             print(format_table([record]))
         if args.json_path:
@@ -154,6 +175,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _configure_logging(*, quiet: bool) -> None:
+    """The library's status lines (tacq_lite.* loggers, INFO) on stderr, one plain line each; --quiet keeps
+    warnings only. Other libraries stay at WARNING; a caller that configured logging keeps its handlers."""
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger("tacq_lite").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def format_generation(g: dict) -> str:
+    """One --prompt's result: a plain prompt runs on into its continuation; a chat prompt and its reply
+    are a line each."""
+    return f"> {g['prompt']}\n{g['generation']}" if g.get("chat_template") else g["prompt"] + g["generation"]
 
 
 # What bad input or a bad environment raises: one line on stderr, exit 2 (--debug: the traceback).
@@ -198,7 +232,7 @@ def _sweep(args) -> int:
             raise sweep.SweepError("give the grid either with -p or with --grid, not both.")
         grid = sweep.read_grid_file(args.grid) if args.grid else sweep.parse_grid(args.param) if args.param else None
         rows = sweep.run_sweep(grid, out_dir=args.out, notebook=args.notebook or sweep.DEFAULT_NOTEBOOK,
-                               kernel=args.kernel)
+                               kernel=args.kernel, workers=args.workers, scheduler=args.scheduler)
     except sweep.SweepError as err:
         print(f"tacq-lite: error: {err}", file=sys.stderr)
         return 2

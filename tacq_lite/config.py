@@ -47,7 +47,7 @@ class QuantConfig:
     # beside the first GPTQ pass (run.parallel.GradientWorker). False: one after the other.
     parallel: bool = True
     # evaluation
-    evals: tuple[str, ...] = ()  # "wikitext2", "mmlu", "gsm8k", "synthetic" or text files
+    evals: tuple[str, ...] = ()  # "wikitext2", "mmlu", "gsm8k", "synthetic", "lm-eval:<task>" or text files
     eval_tokens: int = 4096  # cap per perplexity set, to keep CPU runs short
     mmlu_subjects: tuple[str, ...] = ()  # () = all 57 subjects
     mmlu_limit: int = 5  # test questions per subject (the full test set is 14042 questions)
@@ -55,6 +55,12 @@ class QuantConfig:
     gsm8k_generate: bool = True  # greedy chain-of-thought generation + exact match (slow on CPU)
     gsm8k_max_new_tokens: int = 128
     synthetic_limit: int = 20  # eval items per synthetic task
+    lm_eval_limit: int | None = None  # first documents of each lm-eval task (lm-eval's --limit); None = all
+    lm_eval_batch_size: int = 1  # lm-eval's HFLM batch; it pads to the longest, so more pays only on a GPU
+    # Free-form prompts (`eval --prompt`) as a user turn of the tokenizer's chat template: None = where
+    # the tokenizer has one (the embedded model is an instruct model). Never the MMLU/GSM8K/perplexity
+    # protocols, which use plain few-shot prompts as in the paper.
+    chat_template: bool | None = None
     kl: bool = True  # also measure KL(full precision || quantized); keeps a float copy in memory
     cache_dir: str | None = None  # score cache folder; None = the user cache
 
@@ -76,12 +82,16 @@ class QuantConfig:
         for name in ("eval_tokens", "mmlu_limit", "gsm8k_limit", "gsm8k_max_new_tokens", "synthetic_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if (self.lm_eval_limit is not None and self.lm_eval_limit < 1) or self.lm_eval_batch_size < 1:
+            raise ValueError(f"lm_eval_limit (or None) and lm_eval_batch_size must be positive integers, got "
+                             f"{self.lm_eval_limit} and {self.lm_eval_batch_size}.")
         if isinstance(self.evals, str) or isinstance(self.mmlu_subjects, str):
             raise TypeError("evals and mmlu_subjects are tuples of names, e.g. evals=('wikitext2',).")
+        if self.chat_template not in (None, True, False):
+            raise TypeError(f"chat_template is True, False or None (automatic), got {self.chat_template!r}.")
         from .algo.gptq import check_keep_value
         from .algo.selectors import get_selector
         from .core.quant import check_bits
-
         from .model.placement import check_device_name, resolve_dtype
 
         check_device_name(self.device)

@@ -1,4 +1,5 @@
-"""Test helpers: a hand-made tokenizer, language models with known outputs, a tiny data folder."""
+"""Test helpers: a hand-made tokenizer, language models with known outputs, a tiny data folder, a
+word-level Hugging Face tokenizer with or without a chat template."""
 from __future__ import annotations
 
 import csv
@@ -91,3 +92,35 @@ def tiny_data(tmp_path, monkeypatch):
                      for i in range(10)])
     monkeypatch.setenv("TACQ_LITE_DATA", str(tmp_path))
     return tmp_path
+
+
+# A small chat template in the usual Jinja form: each turn "role : text ;", then the assistant's header.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def word_tokenizer(chat_template: str | None = None):
+    """A real Hugging Face tokenizer (word level, whitespace split) with or without a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "user", "assistant", ":", ";", "the", "capital", "of", "France", "is", "Paris", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    hf.chat_template = chat_template
+    return hf
+
+
+class ChatSpyTok(FakeTok):
+    """FakeTok that has a chat template and fails the test if anything applies it."""
+
+    chat_template = CHAT_TEMPLATE
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **kwargs):
+        from transformers import BatchEncoding
+
+        return BatchEncoding({"input_ids": super().__call__(text, add_special_tokens).input_ids})
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise AssertionError("a paper-protocol evaluation went through the chat template")

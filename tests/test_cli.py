@@ -18,6 +18,8 @@ def test_config_rejects_bad_values():
         QuantConfig(method="awq")
     with pytest.raises(ValueError, match="keep_value='exact' is unknown"):
         QuantConfig(keep_value="exact")
+    with pytest.raises(TypeError, match="chat_template is True, False or None"):
+        QuantConfig(chat_template="yes")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -78,6 +80,7 @@ def test_tacq_save_load_generate_end_to_end(tmp_path, embedded_gguf):
     assert packed["ref_ppl"] == pytest.approx(fake["ref_ppl"], rel=1e-6)  # KL reference: the float model again
     assert b["avg_bits"] == pytest.approx(a["avg_bits"]) and b["method"] == "tacq"
     assert len(b["generations"][0]["generation"]) > 0
+    assert b["generations"][0]["chat_template"] is True  # the embedded (instruct) tokenizer has one
     # The packed size is the accounting plus exactly its stated overheads: 3-bit codes padded to
     # 10 per int32 word, and the CSR row offsets (int32 per row + 1).
     layers = json.loads((tmp_path / "q3" / "tacq_lite.json").read_text())["layers"]
@@ -120,3 +123,71 @@ def test_no_parallel_flag_maps_to_the_config():
     assert cli.config_from_args(p.parse_args(["--keep-value", "original"])).keep_value == "original"
     with pytest.raises(SystemExit):  # argparse: "invalid choice: 'exact' (choose from compensated, original)"
         p.parse_args(["--keep-value", "exact"])
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """Two tiny random Llamas saved as Hugging Face folders: "chat" (its tokenizer has a chat template), "plain"."""
+    from fakes import CHAT_TEMPLATE, word_tokenizer
+
+    from tacq_lite.model.loading import tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    for name, template in (("chat", CHAT_TEMPLATE), ("plain", None)):
+        tok = word_tokenizer(template)
+        tiny_llama(vocab=len(tok)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    text = root / "text.txt"
+    text.write_text("the capital of France is Paris ; " * 40)
+    return root
+
+
+def test_eval_prompts_use_the_chat_template_where_the_tokenizer_has_one(tiny_folders, tmp_path, capsys):
+    prompt = "the capital of France is"
+    argv = ["--prompt", prompt, "--max-new-tokens", "2", "--quiet"]
+    for name, flags, used in (("chat", [], True), ("chat", ["--no-chat-template"], False), ("plain", [], False)):
+        out = tmp_path / f"{name}{len(flags)}.json"
+        assert cli.main(["eval", "--model", str(tiny_folders / name), *argv, *flags, "--json", str(out)]) == 0
+        rec = json.loads(out.read_text())
+        g = rec["generations"][0]
+        assert g["chat_template"] is used and g["prompt"] == prompt
+        assert rec["config"]["chat_template"] is (None if not flags else False)  # what was asked
+        stdout = capsys.readouterr().out  # the generation and the JSON path are the command's result
+        assert cli.format_generation(g) in stdout and f"wrote {out}" in stdout
+    assert cli.main(["eval", "--model", str(tiny_folders / "plain"), *argv, "--chat-template"]) == 2
+    assert "this tokenizer has no chat template" in capsys.readouterr().err
+
+
+def test_status_lines_are_log_records_a_user_can_route_or_silence(tiny_folders, caplog, capsys):
+    import logging
+
+    from tacq_lite.model.loading import load_model
+
+    model, tok = load_model(str(tiny_folders / "plain"))
+    cfg = QuantConfig(evals=(str(tiny_folders / "text.txt"),), seq_len=16, eval_tokens=64)
+    with caplog.at_level(logging.INFO, logger="tacq_lite"):
+        experiment.run_evals(model, tok, cfg, progress=False)
+    status = [r for r in caplog.records if r.name == "tacq_lite.run.experiment"]
+    assert [r.levelno for r in status] == [logging.INFO] and "64 tokens from" in status[0].getMessage()
+    assert capsys.readouterr().out == ""  # nothing printed behind logging's back
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tacq_lite"):
+        experiment.run_evals(model, tok, cfg, progress=False)
+    assert not [r for r in caplog.records if r.name.startswith("tacq_lite")]
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_cli_prints_its_result_on_stdout_and_status_lines_on_stderr(tiny_folders, tmp_path, quiet):
+    import subprocess
+    import sys
+
+    text = tiny_folders / "text.txt"
+    argv = ["eval", "--model", tiny_folders / "plain", "--eval", text, "--seq-len", "16", "--eval-tokens", "64",
+            "--json", tmp_path / "r.json"] + (["-q"] if quiet else [])
+    proc = subprocess.run([sys.executable, "-m", "tacq_lite.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"ppl {text}" in proc.stdout and f"wrote {tmp_path / 'r.json'}" in proc.stdout
+    assert "tokens from" not in proc.stdout
+    assert (f"eval {text}: 64 tokens from" in proc.stderr) is not quiet

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-from fakes import BigramLM, FakeTok, ScriptLM
+from fakes import CHAT_TEMPLATE, BigramLM, FakeTok, ScriptLM, word_tokenizer
 
-from tacq_lite.data.tokens import encode, split_ids
+from tacq_lite.data.tokens import encode, prompt_ids, split_ids
 from tacq_lite.eval.continuation import PrefixCache, answer_nll, greedy_generate, score_continuation, truncate_left
 from tacq_lite.model.loading import tiny_llama
 
@@ -59,6 +59,22 @@ def test_greedy_generate_stops_at_the_first_stop_string():
     assert greedy_generate(model, tok, prompt, max_new_tokens=2) == " It is"
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, tok, prompt, max_new_tokens=0)
+
+
+def test_greedy_generate_asks_through_the_chat_template_only_when_told():
+    """Off by default (the few-shot protocols); None = where the tokenizer has one, as `eval --prompt`."""
+    tok, prompt = word_tokenizer(CHAT_TEMPLATE), "the capital of France is"
+    table = torch.zeros(len(tok), len(tok))  # [vocab, vocab]
+    table[:, tok.convert_tokens_to_ids("Paris")] = 1.0  # every next token is "Paris"
+    model = BigramLM(table)
+    seen = []  # input ids of each forward pass; the first is the prompt
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    assert greedy_generate(model, tok, prompt, max_new_tokens=1) == "Paris"
+    assert seen[0] == encode(tok, prompt, special=True)
+    for chat in (None, True):
+        seen.clear()
+        assert greedy_generate(model, tok, prompt, max_new_tokens=1, chat_template=chat) == "Paris"
+        assert seen[0] == prompt_ids(tok, prompt) != encode(tok, prompt, special=True)
 
 
 def test_prefix_cache_gives_the_same_scores_and_generations_as_a_full_pass():

@@ -110,6 +110,24 @@ def test_perplexity_matches_manual_nll_and_kl_is_zero_to_itself():
     assert evaluate_lm(other, tokens, seq_len=32, reference=model, progress=False).kl > 1e-3
 
 
+def test_perplexity_of_a_text_equals_a_plain_computation(text_file):
+    """From a text file to one number: tacq_lite's stream + windows + evaluate_lm against the text's
+    bytes cut by hand and exp(mean(logsumexp(z) - z[next])) in float64, position by position."""
+    seq_len = 48
+    model = tiny_llama()
+    m = evaluate_lm(model, corpus.eval_tokens(CharTok(), text_file, seq_len=seq_len), seq_len=seq_len,
+                    progress=False)
+    data = open(text_file, "rb").read()
+    nll = []
+    with torch.no_grad():
+        for start in range(0, len(data) - seq_len + 1, seq_len):
+            ids = list(data[start:start + seq_len])
+            z = model(torch.tensor([ids])).logits[0].double()  # [seq_len, vocab]
+            nll += [(torch.logsumexp(z[t], 0) - z[t, ids[t + 1]]).item() for t in range(seq_len - 1)]
+    assert m.n_tokens == len(nll) == (len(data) // seq_len) * (seq_len - 1)
+    assert m.ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
 def test_perplexity_comes_with_a_window_bootstrap_interval():
     model = tiny_llama()
     tokens = torch.randint(0, 256, (8 * 32,), generator=torch.Generator().manual_seed(2))

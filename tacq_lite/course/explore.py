@@ -6,10 +6,14 @@ render on GitHub) `explore` also draws one static snapshot so the page is never 
 """
 from __future__ import annotations
 
+import logging
+
 import matplotlib.pyplot as plt
 import torch
 
 from ..core.quant import dequantize, find_params, quantize
+
+logger = logging.getLogger(__name__)
 
 
 def plot_rtn(W: torch.Tensor, bits: int = 3, groupsize: int = -1, *, row: int = 0, ax=None):
@@ -53,7 +57,7 @@ def explore(plot_fn, *, static: dict, **controls):
         widget = widgets.interactive(draw, **sliders)
         display(widget)
     except ImportError:
-        print("ipywidgets is not installed: showing the static view only.")
+        logger.warning("ipywidgets is not installed: showing the static view only.")
     print(f"Static snapshot ({', '.join(f'{k}={v}' for k, v in static.items())}):")
     plot_fn(**static)
     plt.show()

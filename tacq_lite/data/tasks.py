@@ -127,8 +127,11 @@ def load_mmlu(subject: str, split: str = "test") -> list[MMLUItem]:
 
 
 def format_mmlu_question(item: MMLUItem, *, with_answer: bool) -> str:
-    """"Question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (+ " X\\n\\n" for a worked example)."""
-    text = item.question + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, item.choices)) + "\nAnswer:"
+    """"Question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (+ " X\\n\\n" for a worked example).
+
+    The question is stripped of surrounding whitespace, as lm-eval's `mmlu` task writes it
+    (`{{question.strip()}}`), so the two prompts are the same text (tests/test_harness.py)."""
+    text = item.question.strip() + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, item.choices)) + "\nAnswer:"
     return text + f" {item.answer}\n\n" if with_answer else text
 
 

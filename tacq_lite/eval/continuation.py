@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..data.tokens import common_prefix, encode, split_ids
+from ..data.tokens import common_prefix, prompt_ids, split_ids
 
 
 class ContinuationScore(NamedTuple):
@@ -107,13 +107,17 @@ def answer_nll(model, tok, prompt: str, answer: str, *, cache: PrefixCache | Non
 
 @torch.no_grad()
 def greedy_generate(model, tok, prompt: str, *, max_new_tokens: int, stop_strings: tuple[str, ...] = (),
-                    cache: PrefixCache | None = None) -> str:
-    """Greedy continuation of `prompt`, cut before the first stop string or end-of-sequence."""
+                    cache: PrefixCache | None = None, chat_template: bool | None = False) -> str:
+    """Greedy continuation of `prompt`, cut before the first stop string or end-of-sequence.
+
+    chat_template: ask `prompt` as a user turn of tok's chat template (True; None = where tok has
+    one, see data.tokens.prompt_ids); False (the default, the few-shot protocols) = plain text.
+    """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     cache = cache or PrefixCache(model)
     limit = max_length(model)
-    ids = encode(tok, prompt, special=True)
+    ids = prompt_ids(tok, prompt, chat_template=chat_template)
     ids, _ = truncate_left(ids, len(ids), None if limit is None else limit - max_new_tokens)
     logits, past = cache.run(ids, len(ids) - 1)  # [1, vocab]
     new: list[int] = []

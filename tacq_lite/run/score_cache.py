@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -34,6 +35,8 @@ from ..model.loading import cache_dir
 CACHE_FORMAT = 2  # bump when the meaning of cached tensors changes (2: sha256 in the metadata)
 KEY_FIELD = "tacq_lite_key"
 CHECKSUM_FIELD = "tacq_lite_sha256"
+
+logger = logging.getLogger(__name__)
 
 
 class CacheWarning(UserWarning):
@@ -192,10 +195,10 @@ def _flat(**parts) -> Mapping[str, torch.Tensor]:
     return _Flat(parts)
 
 
-def _save(path: Path, tensors: dict, key: dict, log) -> str | None:
+def _save(path: Path, tensors: dict, key: dict) -> str | None:
     try:
         save_cache(path, tensors, key)
-        log(f"score cache: wrote {path}")
+        logger.info("score cache: wrote %s", path)
         return str(path)
     except OSError as err:  # a full or read-only disk must not stop the run: warn and go on
         warnings.warn(f"score cache: could not write {path} ({err}); the run goes on without caching.",
@@ -226,9 +229,9 @@ class ScoreCache:
     "E" = Q(W) − W, "H_diag" and "Hinv_diag" (Q(W) file).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, *, enabled: bool = True, log=print,
+    def __init__(self, model: nn.Module, config: QuantConfig, *, enabled: bool = True,
                  device: torch.device | None = None):
-        self.config, self.enabled, self.log = config, enabled, log
+        self.config, self.enabled = config, enabled
         self.shapes = cache_shapes(model)
         self.common = {"model": config.model, "weights": weights_fingerprint(model), "dtype": str(CACHE_DTYPE)}
         # A GPU's kernels round differently from the CPU's; the model's own dtype is in the weights'
@@ -261,4 +264,4 @@ class ScoreCache:
 
     def save(self, key: dict, parts: dict[str, dict[str, torch.Tensor] | None]) -> str | None:
         """Write the parts that are not None; returns the file written, or None if it could not be written."""
-        return _save(self.path(key), _flat(**parts), key, self.log)
+        return _save(self.path(key), _flat(**parts), key)

@@ -36,6 +36,7 @@ pass; a new bit width reuses the gradients.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Mapping, NamedTuple
 
@@ -48,6 +49,8 @@ from ..io import SpilledTensors
 from ..model import placement, walk
 from . import parallel, passes
 from .score_cache import CACHE_DTYPE, ScoreCache
+
+logger = logging.getLogger(__name__)
 
 
 class PerLinear(Mapping):
@@ -98,7 +101,7 @@ def compute_importance(
     needs = selectors.get_selector(selector or config.selector).needs
     samples = windows if samples is None else samples
     device = placement.resolve_device(config.device)
-    store = ScoreCache(model, config, enabled=cache, log=print if progress else (lambda *_a: None), device=device)
+    store = ScoreCache(model, config, enabled=cache, device=device)
     meta = {"qw": "not needed", "gradients": "not needed", "seconds": {"qw": 0.0, "gradients": 0.0},
             "n_backward": 0, "seconds_per_sample": None, "files": {}}
     # Whether step 1 runs on one thread beside a gradient worker depends on the config and the
@@ -174,7 +177,7 @@ def _step1_qw(model, windows, config, needs, store: ScoreCache, meta: dict, *, o
             parallel.trim_heap()  # the pass's activations and working sets, before the backward passes
             meta["qw_key"] = key  # written to the cache after step 2 (compute_importance), not beside it
         else:
-            store.log(f"score cache: Q(W) from {store.path(key)}")
+            logger.info("score cache: Q(W) from %s", store.path(key))
     meta["seconds"]["qw"] = time.perf_counter() - t
     return found
 
@@ -209,7 +212,7 @@ def _step2_gradients(model, samples, needs, found: dict, store: ScoreCache, key:
         if store.enabled:
             meta["files"]["gradients"] = store.save(key, found)
     else:
-        store.log(f"score cache: gradients from {store.path(key)}")
+        logger.info("score cache: gradients from %s", store.path(key))
     meta["seconds"]["gradients"] = time.perf_counter() - t  # with a worker: only what was left after Q(W)
     return found
 
