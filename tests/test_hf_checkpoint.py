@@ -66,6 +66,21 @@ def test_from_pretrained_equals_load_quantized(saved):
     assert torch.equal(ours(X).logits, theirs(X).logits)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_from_pretrained_with_a_device_map(saved, device_map):
+    theirs = AutoModelForCausalLM.from_pretrained(saved, device_map=device_map)
+    assert torch.equal(load_quantized(saved)[0](X).logits, theirs(X).logits)
+
+
+def test_from_pretrained_in_bfloat16(saved):
+    """dtype= casts the unquantized tensors and the computation; the packed buffers keep their dtypes."""
+    theirs = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
+    ours = load_quantized(saved, dtype=torch.bfloat16)[0]
+    q = theirs.model.layers[0].mlp.down_proj
+    assert theirs.dtype == torch.bfloat16 and q.scale.dtype == torch.float16 and q.qweight.dtype == torch.int32
+    assert torch.equal(ours(X).logits, theirs(X).logits)
+
+
 def test_config_json_describes_the_layout(saved, packed):
     q = json.loads((saved / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "tacq_lite" and q["format_version"] == FORMAT_VERSION

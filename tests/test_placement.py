@@ -189,7 +189,7 @@ def test_run_quantize_keeps_no_second_model_and_records_the_environment(tmp_path
     assert m["kl"] > 0 and m["ref_ppl"] > 0 and record["reference_bytes_on_disk"] > 0
     env = record["environment"]
     assert env["device"] == "cpu" and env["versions"]["torch"] == torch.__version__ and env["threads"] >= 1
-    assert "transformers" in env["versions"] and "command" in env
+    assert {"transformers", "triton", "tacq_lite"} <= set(env["versions"]) and "command" in env and "git_commit" in env
     saved = json.loads((tmp_path / "q" / "tacq_lite.json").read_text())
     assert saved["info"]["config"]["device"] == "cpu"
     assert not [p for p in os.listdir(tmp_path) if p.startswith("tacq_lite-reference")]
