@@ -251,3 +251,21 @@ def test_embedded_model_round_trip_through_transformers(tmp_path):
     size = meta["files"][TENSOR_FILE]["bytes"]
     assert size == pytest.approx(meta["bytes"]["quantized_linears"] + meta["bytes"]["other_tensors"], rel=0.01)
     assert size < 110 * 2**20  # the fp32 embedding alone was 108 MiB
+
+
+def test_cli_saves_shards_that_transformers_loads(tmp_path, capsys):
+    """`tacq-lite quantize --save DIR --max-shard-size 20KB` on a tiny model folder: shards with an
+    index, loaded by from_pretrained; a size that is not one fails before the run."""
+    from test_failure_modes import save_tiny_model
+
+    from tacq_lite import cli
+
+    folder = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(folder), "--method", "rtn", "--bits", "4", "--no-mse", "--save", str(out)]
+    assert cli.main(args + ["--max-shard-size", "lots"]) == 2
+    assert "e.g. 5GB" in capsys.readouterr().err and not out.exists()
+    assert cli.main(args + ["--max-shard-size", "20KB"]) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert len(meta["shards"]) > 1 and (out / INDEX_FILE).is_file()
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(X).logits, load_quantized(out)[0](X).logits)

@@ -305,6 +305,7 @@ def reference_logprobs(model, streams: dict, config: QuantConfig, device: torch.
 def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite,
                            max_shard_size, progress, log) -> dict:
     from ..data import calibration, corpus
+    from ..model.checkpoint import tensor_files
     from .passes import bits_report
 
     windows = samples = None
@@ -330,7 +331,8 @@ def _quantize_and_evaluate(model, tok, config, device, streams, references, seco
         t = time.perf_counter()
         saved = save_packed(model, tok, result, save, overwrite=overwrite, max_shard_size=max_shard_size)
         seconds["save"] = time.perf_counter() - t
-        log(f"saved {save}: {saved['files']['model.safetensors']['bytes'] / 2**20:.1f} MiB, quantized linears "
+        on_disk = sum(saved["files"][name]["bytes"] for name in tensor_files(saved))  # every shard
+        log(f"saved {save}: {on_disk / 2**20:.1f} MiB in {len(tensor_files(saved))} file(s), quantized linears "
             f"{saved['bytes']['bits_per_quantized_weight']:.3f} bits per weight on disk "
             f"(accounting: {report.avg_bits:.3f})")
     with placement.placed(model, device):
