@@ -269,3 +269,15 @@ def test_cli_saves_shards_that_transformers_loads(tmp_path, capsys):
     meta = json.loads((out / META_FILE).read_text())
     assert len(meta["shards"]) > 1 and (out / INDEX_FILE).is_file()
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(X).logits, load_quantized(out)[0](X).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_from_pretrained_onto_a_gpu(saved):
+    """device_map="cuda": the packed buffers land on the GPU and QuantLinear runs its Triton kernels
+    there; logits close to the CPU's (the kernels sum in another order)."""
+    theirs = AutoModelForCausalLM.from_pretrained(saved, device_map="cuda")
+    q = theirs.model.layers[0].self_attn.q_proj
+    assert q.qweight.is_cuda and q.kept_values.is_cuda
+    torch.testing.assert_close(theirs(X.cuda()).logits.cpu(), load_quantized(saved)[0](X).logits,
+                               rtol=1e-3, atol=1e-3)
