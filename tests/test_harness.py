@@ -160,6 +160,16 @@ def test_unknown_task_names_are_one_line_errors():
         harness.check_task("tacq_mmlu_astronomyy")
     with pytest.raises(ValueError, match=r"lm-eval has no task 'no_such_task_xyz'.*lm-eval ls tasks"):
         harness.check_task("no_such_task_xyz")
+    with pytest.raises(ValueError, match=r"'ai2_arc' is a tag without one overall score.*arc_challenge, arc_easy"):
+        harness.check_task("ai2_arc")  # a tag: no headline to report, refused before any model work
+
+
+def test_documents_without_a_numeric_score_get_nan():
+    """Corpus-level metrics log a tuple per document (word_perplexity: (loglikelihood, words))."""
+    docs = [{"doc_id": 1, "target": "", "filtered_resps": [-3.0], "word_perplexity": (-3.0, 2), "filter": "none"},
+            {"doc_id": 0, "target": "", "filtered_resps": [-1.0], "word_perplexity": 2.5, "filter": "none"}]
+    picked = harness._samples(docs, {"output_type": "loglikelihood_rolling"}, "word_perplexity,none")
+    assert [s.doc_id for s in picked] == [0, 1] and picked[0].score == 2.5 and math.isnan(picked[1].score)
 
 
 def test_missing_offline_data_names_the_files(tmp_path, monkeypatch):

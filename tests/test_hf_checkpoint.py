@@ -281,3 +281,50 @@ def test_from_pretrained_onto_a_gpu(saved):
     assert q.qweight.is_cuda and q.kept_values.is_cuda
     torch.testing.assert_close(theirs(X.cuda()).logits.cpu(), load_quantized(saved)[0](X).logits,
                                rtol=1e-3, atol=1e-3)
+
+
+def test_a_packed_buffer_missing_from_the_files_is_refused(packed, tmp_path):
+    """transformers fills missing tensors with uninitialised memory; the layout check stops that first."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    save_quantized(packed, folder)
+    tensors = load_file(str(folder / TENSOR_FILE))
+    del tensors["model.layers.1.mlp.up_proj.qweight"]
+    save_file(tensors, str(folder / TENSOR_FILE), metadata={"format": "pt"})
+    _rewrite_manifest(folder, lambda meta: None)
+    with pytest.raises(ValueError, match="lacks model.layers.1.mlp.up_proj.qweight"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_linears_with_biases(tmp_path):
+    """Biases of packed layers are stored in 16-bit like every unquantized tensor and load back in
+    the compute dtype, by both loaders alike."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         attention_bias=True, mlp_bias=True)).eval()
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(model, windows, QuantConfig(method="rtn", bits=4, mse=False), progress=False)
+    convert_model(model, result.grids, bits=4, codes=result.codes or None)
+    meta = save_quantized(model, tmp_path / "m")
+    assert meta["layers"]["model.layers.0.mlp.up_proj"]["bias"]
+    with safe_open(str(tmp_path / "m" / TENSOR_FILE), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.bias").dtype == torch.bfloat16
+    ours = load_quantized(tmp_path / "m")[0]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert ours.model.layers[0].mlp.up_proj.bias.dtype == torch.float32
+    assert torch.equal(ours(X).logits, theirs(X).logits)
+
+
+def test_a_saved_folder_is_not_a_model_to_quantize(packed, tmp_path):
+    """--model on a tacq_lite folder (of any format version) points to eval --load instead of loading
+    it as a float model."""
+    from tacq_lite.model.loading import load_model
+
+    _as_version_1(packed, tmp_path / "v1")
+    with pytest.raises(ValueError, match="tacq-lite eval --load"):
+        load_model(str(tmp_path / "v1"))

@@ -114,14 +114,14 @@ def test_sweep_runs_collects_and_resumes(tiny_notebook, tmp_path):
         sweep.run_sweep({"bits": [2]}, out_dir=out, notebook=tiny_notebook, execute=execute)
 
 
-def test_cli_sweep_with_papermill(tiny_notebook, tmp_path, capsys):
+def test_cli_sweep_with_papermill(tiny_notebook, tmp_path, capsys, caplog):
     grid = tmp_path / "grid.yaml"
     grid.write_text("bits: [2, 4]\nratio: 0.25\n")
     rc = cli.main(["sweep", "--grid", str(grid), "--notebook", str(tiny_notebook), "--out", str(tmp_path / "o")])
     assert rc == 0
     rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
     assert [r["product"] for r in rows] == [0.5, 1.0]
-    assert "2 of 2 runs done" in capsys.readouterr().out
+    assert "2 of 2 runs done" in caplog.text  # a status line, through logging (the CLI shows it on stderr)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
     assert cli.main(["sweep", "-p", "bits=2", "--notebook", str(tiny_notebook), "--out", str(tmp_path / "junk")]) == 2

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import time
 import traceback
@@ -39,6 +40,8 @@ from typing import NamedTuple
 
 from ..io import PACKAGE_ROOT, atomic_file, write_json_atomic
 from . import executors
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_NOTEBOOK = PACKAGE_ROOT / "notebooks" / "07_end_to_end.ipynb"
 DEFAULT_GRID = {"method": ["gptq", "tacq"]}  # two runs, a few minutes on 2 cores
@@ -287,7 +290,7 @@ def _outcome(future, params: dict, runs: Path) -> RunOutcome:
 
 def run_sweep(grid: dict[str, list] | None = None, *, out_dir: str | os.PathLike,
               notebook: str | os.PathLike = DEFAULT_NOTEBOOK, kernel: str = "python3", workers: int = 1,
-              scheduler: str | None = None, log=print, execute=None) -> list[dict]:
+              scheduler: str | None = None, log=None, execute=None) -> list[dict]:
     """Run every combination not yet done; returns the collected rows (also written to results.csv/json).
 
     workers=N runs N notebooks at a time in local processes of cpus // N threads each; scheduler
@@ -297,6 +300,7 @@ def run_sweep(grid: dict[str, list] | None = None, *, out_dir: str | os.PathLike
     execute(notebook_in, notebook_out, parameters, cwd) runs one notebook (default: papermill); with
     workers > 1 or a scheduler it must be a module-level function, as it is sent to the workers.
     """
+    log = log or logger.info  # status lines: route or silence them with `logging` (tacq_lite.course.sweep)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise SweepError(f"workers must be a whole number of at least 1, got {workers!r}: --workers 1 runs one "
                          "notebook at a time, --workers N runs N at once on this machine.")

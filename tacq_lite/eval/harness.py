@@ -43,6 +43,8 @@ class HarnessResult:
     score: float  # its value for `task` (a group: lm-eval's aggregate over its tasks)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # task or group -> lm-eval's metrics
     samples: dict[str, list[HarnessSample]] = field(default_factory=dict)  # task -> [n docs], doc_id order
+    versions: dict[str, float | str | None] = field(default_factory=dict)  # task -> its config's version
+    n_shot: dict[str, int | None] = field(default_factory=dict)  # task -> few-shot examples in each prompt
 
 
 # --------------------------------------------------------------------------- offline data (YAML `!function`s)
@@ -145,6 +147,12 @@ def check_task(task: str) -> None:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"lm-eval has no task {task!r}; {hint}list them with `lm-eval ls tasks`, or use "
                          f"{MMLU_TASK}_<subject>, {MMLU_TASK} or {GSM8K_TASK} (shared data, offline).")
+    entry = manager.task_index[task]
+    if entry.kind.name == "TAG" or (entry.kind.name == "GROUP" and not (entry.cfg or {}).get("aggregate_metric_list")):
+        members = sorted(n for n, e in manager.task_index.items() if task in (e.tags or []))
+        listed = f" ({', '.join(members[:5])}{', ...' if len(members) > 5 else ''})" if members else ""
+        raise ValueError(f"lm-eval's {task!r} is a {entry.kind.name.lower()} without one overall score; evaluate "
+                         f"its tasks one by one{listed}: --eval lm-eval:<task> for each.")
     try:
         manager.load([task])  # builds the task, which reads its data
     except Exception as err:  # datasets' ConnectionError / FileNotFoundError, or whatever the task raises
@@ -180,7 +188,8 @@ def evaluate(model, tok, task: str, *, limit: int | None = None, batch_size: int
     # "metric,filter" keys in the order of the task's metric_list and filter_list: the headline comes first
     metric = next(k for k in scores[task] if "," in k and "_stderr," not in k)
     samples = {name: _samples(docs, out["configs"][name], metric) for name, docs in out["samples"].items()}
-    return HarnessResult(task=task, metric=metric, score=float(scores[task][metric]), scores=scores, samples=samples)
+    return HarnessResult(task=task, metric=metric, score=float(scores[task][metric]), scores=scores, samples=samples,
+                         versions=dict(out.get("versions", {})), n_shot=dict(out.get("n-shot", {})))
 
 
 def _samples(docs: list[dict], config: dict, metric: str) -> list[HarnessSample]:
@@ -194,5 +203,7 @@ def _samples(docs: list[dict], config: dict, metric: str) -> list[HarnessSample]
             prediction = max(range(len(lls)), key=lls.__getitem__)
         else:
             prediction = resps[0] if isinstance(resps, list) else resps
-        picked.append(HarnessSample(int(d["doc_id"]), d["target"], prediction, float(d.get(name, float("nan")))))
+        value = d.get(name)  # a number, or a tuple for corpus-level metrics (perplexity, BLEU): no per-document score
+        score = float(value) if isinstance(value, (int, float)) else float("nan")
+        picked.append(HarnessSample(int(d["doc_id"]), d["target"], prediction, score))
     return picked

@@ -83,7 +83,7 @@ def parse_size(size: int | str) -> int:
         unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
         try:
             value = int(float(text[: -len(unit)]) * _SIZE_UNITS[unit]) if unit else int(text)
-        except ValueError:
+        except (ValueError, OverflowError):  # "lots", "1e400GB"
             value = -1
     if value < 1:
         raise ValueError(f"max_shard_size={size!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB.")
@@ -106,6 +106,24 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
     return tensors, aliases
 
 
+QUANT_BUFFERS = ("qweight", "scale", "zero", "kept_row_ptr", "kept_col_idx", "kept_values")  # a packed layer's
+
+
+def stored_as_is(name: str, layers, computed) -> bool:
+    """Whether tensor `name` is stored and loaded in its own dtype: a packed layer's buffers and the
+    buffers a model computes itself are; every other floating tensor (embeddings, norms, the head,
+    biases) is stored in the unquantized dtype and loaded in the compute dtype."""
+    owner, _, leaf = name.rpartition(".")
+    return (owner in layers and leaf in QUANT_BUFFERS) or name in computed
+
+
+def meta_quant_linear(spec: dict, *, dtype: torch.dtype, backend: str = "auto") -> QuantLinear:
+    """An empty (meta-device) QuantLinear of a layer table entry, to be filled with stored tensors."""
+    with torch.device("meta"):
+        return QuantLinear(spec["in_features"], spec["out_features"], bits=spec["bits"], groupsize=spec["groupsize"],
+                           nnz=spec["nnz"], bias=spec["bias"], dtype=dtype, backend=backend)
+
+
 def non_persistent_buffers(model: nn.Module) -> set[str]:
     """Names of the buffers a model computes itself (e.g. rotary inv_freq): not in its state_dict."""
     return {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
@@ -123,7 +141,7 @@ class _Stored(Mapping):
         self._exact = exact
 
     def _cast(self, name: str, t: torch.Tensor) -> bool:
-        return name.rpartition(".")[0] not in self._layers and name not in self._exact and t.is_floating_point()
+        return t.is_floating_point() and not stored_as_is(name, self._layers, self._exact)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         owner, _, leaf = name.rpartition(".")
@@ -313,6 +331,25 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
+def check_stored_layout(folder: str | os.PathLike, meta: dict) -> None:
+    """Raise unless the safetensors files hold every packed buffer of every listed layer (and its
+    bias where the table says so), with each `<layer>.weight` a zero-element marker. Reads headers only."""
+    from safetensors import safe_open
+
+    folder, shapes = Path(folder), {}
+    for name in tensor_files(meta):
+        with safe_open(str(folder / name), "pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    for layer, spec in meta["layers"].items():
+        wanted = [f"{layer}.{b}" for b in QUANT_BUFFERS + (("bias",) if spec["bias"] else ())]
+        missing = [w for w in wanted if w not in shapes]
+        marker = shapes.get(f"{layer}.{MARKER}")
+        if missing or (marker is not None and any(marker)):
+            what = f"lacks {missing[0]}" if missing else f"stores a full {layer}.{MARKER} {marker}"
+            raise ValueError(f"{folder}: the layer table lists {layer} as packed but the tensors disagree (it "
+                             f"{what}); the folder was edited or mixed with another model. Re-save it.")
+
+
 def verify_files(folder: str | os.PathLike, meta: dict, *, checksums: bool = True) -> None:
     """Raise ValueError unless every file the manifest lists is there with its size (and sha256)."""
     folder = Path(folder)
@@ -337,9 +374,6 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
     else:
         raise KeyError(name)
-
-
-QUANT_BUFFERS = ("qweight", "scale", "zero", "kept_row_ptr", "kept_col_idx", "kept_values")  # stored as they are
 
 
 def plain_config(folder: str | os.PathLike):
@@ -387,10 +421,7 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in meta["layers"].items():
-        with torch.device("meta"):
-            q = QuantLinear(spec["in_features"], spec["out_features"], bits=spec["bits"], dtype=dtype,
-                            groupsize=spec["groupsize"], nnz=spec["nnz"], bias=spec["bias"], backend=backend)
-        walk.set_module(model, name, q)
+        walk.set_module(model, name, meta_quant_linear(spec, dtype=dtype, backend=backend))
     markers = {f"{n}.{MARKER}" for n in meta["layers"]}
     computed = non_persistent_buffers(model)  # e.g. rotary inv_freq: stored exactly, never cast
     wanted = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
@@ -407,7 +438,8 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
         if tuple(t.shape) != tuple(want.shape) or (packed and t.dtype != want.dtype):
             raise ValueError(f"{name}: stored {t.dtype} {tuple(t.shape)} but the config says "
                              f"{want.dtype} {tuple(want.shape)}; the saved files disagree.")
-        _assign(model, name, t if packed or name in computed or not t.is_floating_point() else t.to(dtype))
+        as_is = stored_as_is(name, meta["layers"], computed) or not t.is_floating_point()
+        _assign(model, name, t if as_is else t.to(dtype))
     if meta.get("tied"):
         model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

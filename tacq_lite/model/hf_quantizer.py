@@ -30,8 +30,17 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import walk
-from .checkpoint import MARKER, META_FILE, QUANT_METHOD, non_persistent_buffers, read_meta, verify_files
-from .qlinear import QuantLinear, quant_linears
+from .checkpoint import (
+    MARKER,
+    META_FILE,
+    QUANT_METHOD,
+    check_stored_layout,
+    meta_quant_linear,
+    non_persistent_buffers,
+    read_meta,
+    verify_files,
+)
+from .qlinear import quant_linears
 
 
 class TacqLiteConfig(QuantizationConfigMixin):
@@ -64,7 +73,8 @@ class TacqLiteHfQuantizer(HfQuantizer):
         folder = self._folder(checkpoint_files)
         if not (folder / META_FILE).is_file():
             raise ValueError(f"{folder} has a tacq_lite quantization_config but no {META_FILE}, so its checksums "
-                             f"cannot be verified; copy the whole folder save_quantized wrote, {META_FILE} included.")
+                             f"cannot be verified; load the whole folder save_quantized wrote, {META_FILE} included "
+                             "(from the Hub: download the repository to a folder first, then load that folder).")
         meta = read_meta(folder)
         verify_files(folder, meta)
         layers = self.quantization_config.layers
@@ -72,25 +82,19 @@ class TacqLiteHfQuantizer(HfQuantizer):
             differ = sorted(n for n in set(layers) | set(meta["layers"]) if layers.get(n) != meta["layers"].get(n))
             raise ValueError(f"config.json's quantization_config and {META_FILE} describe different layers (first: "
                              f"{differ[0]}); the folder was edited by hand. Re-save the model.")
-        self._meta = meta
+        check_stored_layout(folder, meta)  # every packed buffer is there: none is left uninitialised
         super().preprocess_model(model, dtype=dtype, **kwargs)
         bias_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
         for name, spec in layers.items():
-            with torch.device("meta"):
-                q = QuantLinear(spec["in_features"], spec["out_features"], bits=spec["bits"],
-                                groupsize=spec["groupsize"], nnz=spec["nnz"], bias=spec["bias"], dtype=bias_dtype)
-            walk.set_module(model, name, q)
+            walk.set_module(model, name, meta_quant_linear(spec, dtype=bias_dtype))
         # The markers are for transformers without tacq_lite, and the buffers a model computes itself
         # (rotary inv_freq, stored for load_quantized) are computed here too: both expected and unused.
+        expected = {f"{n}.{MARKER}" for n in layers} | non_persistent_buffers(model)
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-        computed = {"^" + re.escape(n) + "$" for n in non_persistent_buffers(model)}
-        model._keys_to_ignore_on_load_unexpected = ignore | computed | {rf"\.{MARKER}$"}
+        model._keys_to_ignore_on_load_unexpected = ignore | {"^" + re.escape(n) + "$" for n in expected}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, q in quant_linears(model).items():
-            if q.qweight.is_meta or q.scale.is_meta:
-                raise ValueError(f"{name}: its packed tensors were not in the checkpoint; the saved model is "
-                                 "incomplete. Re-save it.")
+        for q in quant_linears(model).values():
             q.check()
         return model
 

@@ -152,7 +152,12 @@ def _load_named(name: str, dtype: torch.dtype):
     """A Hugging Face id or local folder; what cannot be loaded is one ValueError naming the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import META_FILE
+
     folder = Path(name).expanduser()
+    if (folder / META_FILE).is_file():  # older formats would load with random linears: never go through here
+        raise ValueError(f"--model {name}: the folder is a tacq_lite quantized model (it has {META_FILE}); "
+                         f"evaluate it with `tacq-lite eval --load {name}`, or quantize the original model.")
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)

@@ -25,6 +25,7 @@ from ..core.bits import BitsReport
 from ..eval.lm import ReferenceLogprobs
 from ..io import check_output_dir
 from ..model import placement
+from ..model.checkpoint import DEFAULT_SHARD_SIZE
 from .parallel import trim_heap
 
 RECORD_VERSION = 1
@@ -120,6 +121,7 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
 def environment(device: torch.device) -> dict:
     """What a record needs to be reproduced: library versions, git commit, device, threads, command."""
     import platform
+    import shlex
     import subprocess
     import sys
     from importlib import metadata
@@ -127,7 +129,7 @@ def environment(device: torch.device) -> dict:
     from ..io import PACKAGE_ROOT
 
     versions = {"python": platform.python_version()}
-    for lib in ("torch", "transformers", "triton", "accelerate", "tacq_lite"):
+    for lib in ("torch", "transformers", "triton", "accelerate", "datasets", "lm_eval", "tacq_lite"):
         try:
             versions[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
@@ -141,7 +143,7 @@ def environment(device: torch.device) -> dict:
         except (OSError, subprocess.SubprocessError):
             commit = None
     return {"versions": versions, "git_commit": commit, **placement.device_info(device),
-            "command": " ".join(sys.argv)}
+            "command": shlex.join(sys.argv)}
 
 
 def peak_rss_mb() -> float:
@@ -231,7 +233,7 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
                          batch_size=config.lm_eval_batch_size)
             item_score = [s.score for docs in r.samples.values() for s in docs]  # task by task, doc_id order
             metrics[name] = {"metric": r.metric, "score": r.score, "scores": r.scores, "n": len(item_score),
-                             "item_score": item_score}
+                             "task_versions": r.versions, "n_shot": r.n_shot, "item_score": item_score}
         else:  # perplexity (+ KL) on WikiText-2's second half or a text file
             tokens = (streams if streams is not None else perplexity_streams(tok, config))[name]
             log(f"eval {name}: {tokens.numel()} tokens from "
@@ -245,7 +247,7 @@ def run_evals(model, tok, config: QuantConfig, *, reference=None, streams=None, 
 
 
 def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: bool = False,
-                 max_shard_size: int | str = "5GB", progress: bool = True,
+                 max_shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True,
                  log=None) -> dict:
     """Load, calibrate, quantize, (save) and evaluate as `config` says; return the JSON record.
 
@@ -367,7 +369,8 @@ def _quantize_and_evaluate(model, tok, config, device, streams, references, seco
     return record
 
 
-def save_packed(model, tok, result, folder: str, *, overwrite: bool = False, max_shard_size: int | str = "5GB") -> dict:
+def save_packed(model, tok, result, folder: str, *, overwrite: bool = False,
+                max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> dict:
     """Pack the fake-quantized `model` into QuantLinears and save it; `model` comes back as it was.
 
     The linears are swapped for packed QuantLinears in place (each a few bits per weight) and
