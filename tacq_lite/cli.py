@@ -3,6 +3,7 @@
     tacq-lite quantize --method rtn --bits 4 --groupsize 64 --eval wikitext2 --json out.json
     tacq-lite quantize --method tacq --calib gsm8k --eval gsm8k --no-gsm8k-generate --save q3/
     tacq-lite eval --load q3/ --eval wikitext2 --prompt "The capital of France is"
+    tacq-lite demo --json demo.json   # full precision, GPTQ and TaCQ side by side (`make demo`)
 
 Flags map one to one onto `QuantConfig` fields; the JSON record holds the whole config, every
 metric, the bits accounting, seconds per stage and the peak resident memory.
@@ -16,6 +17,8 @@ import sys
 from .algo.gptq import KEEP_VALUES
 from .config import METHODS, QuantConfig
 from .io import check_output_file, write_json_atomic
+from .model.checkpoint import DEFAULT_SHARD_SIZE
+from .run.demo import DEMO_CONFIG, DEMO_MAX_NEW_TOKENS, DEMO_PROMPT, format_demo, run_demo
 from .run.experiment import EVALS, HARNESS_PREFIX, format_table, run_eval, run_quantize
 
 
@@ -86,16 +89,36 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="score cache folder (default: the user cache)")
     p.add_argument("--save", default=None, help="save the quantized model here, packed (load it with `eval --load`)")
     p.add_argument("--overwrite", action="store_true", help="--save may replace a tacq_lite model saved there")
-    p.add_argument("--max-shard-size", default="5GB",
+    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                    help="--save splits the tensors into files of at most this size (e.g. 5GB, 500MB) with an index")
     _add_eval_args(p)
 
 
-def config_from_args(args: argparse.Namespace) -> QuantConfig:
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    d = DEMO_CONFIG
+    p.add_argument("--model", default=d.model, help="'embedded' (default), a Hugging Face id, or a local folder")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the question every model answers greedily")
+    p.add_argument("--max-new-tokens", type=int, default=DEMO_MAX_NEW_TOKENS)
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                   help="WikiText-2 tokens evaluated, the same windows for every model")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration / perplexity window")
+    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration windows for GPTQ and TaCQ")
+    p.add_argument("--cache-dir", default=None, help="TaCQ's score cache folder (default: the user cache)")
+    p.add_argument("--device", default=d.device,
+                   help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--json", dest="json_path", default=None, help='write the three records here, as {"records": [...]}')
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no status lines: warnings, errors and the result only")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+
+
+def config_from_args(args: argparse.Namespace, base: QuantConfig | None = None) -> QuantConfig:
+    """base (default QuantConfig()) with every flag that names a QuantConfig field applied."""
     fields = QuantConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["evals"] = tuple(values.get("evals") or ())
-    return QuantConfig(**values)
+    if "evals" in values:
+        values["evals"] = tuple(values["evals"] or ())
+    return (base or QuantConfig()).replace(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ask each --prompt as a user turn of the tokenizer's chat template (default: when the "
                         "tokenizer has one); the MMLU/GSM8K/perplexity protocols never use it")
     _add_eval_args(e)
+    dm = sub.add_parser("demo", help="full precision, GPTQ and TaCQ at 3 bits side by side: perplexity, KL, bits, "
+                                     "seconds and one greedy completion each")
+    _add_demo_args(dm)
     w = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill, collect one table")
     w.add_argument("-p", "--param", action="append", default=[], metavar="NAME=V1,V2",
                    help="a grid axis, e.g. -p bits=2,3 -p ratio=0,0.0035; repeatable")
@@ -143,9 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "student":
         return _student(args)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, base=DEMO_CONFIG if args.command == "demo" else None)
         if args.json_path:  # checked before any work: a wrong path must not cost the run
             check_output_file(args.json_path, "--json")
+        if args.command == "demo":
+            records = run_demo(config, prompt=args.prompt, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+            print(format_demo(records))
+            if args.json_path:
+                write_json_atomic(args.json_path, {"records": records})
+                print(f"wrote {args.json_path}")
+            return 0
         if args.command == "quantize":
             record = run_quantize(config, save=args.save, overwrite=args.overwrite,
                                   max_shard_size=args.max_shard_size, progress=not args.quiet)

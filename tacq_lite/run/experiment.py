@@ -285,7 +285,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
             reference_logprobs(model, streams, config, device, into=references, progress=progress)
             seconds["reference"] = time.perf_counter() - t
             trim_heap()  # the reference passes' freed activations, before the quantization starts
-        record = _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
+        record = quantize_and_evaluate(model, tok, config, device, streams, references, seconds, save=save,
                                         overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, log=log)
     finally:
         for r in references.values():
@@ -304,8 +304,10 @@ def reference_logprobs(model, streams: dict, config: QuantConfig, device: torch.
                                            desc=f"reference {name}")
 
 
-def _quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite,
-                           max_shard_size, progress, log) -> dict:
+def quantize_and_evaluate(model, tok, config, device, streams, references, seconds, *, save, overwrite,
+                          max_shard_size, progress, log) -> dict:
+    """Calibrate, quantize `model` in place, (save) and evaluate it: the record of one run_quantize
+    (also one quantized row of `tacq-lite demo`). references: {perplexity set: ReferenceLogprobs} for KL."""
     from ..data import calibration, corpus
     from ..model.checkpoint import tensor_files
     from .passes import bits_report
@@ -434,7 +436,7 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         with placement.placed(model, device):
             metrics, eval_seconds = run_evals(model, tok, config, reference=references or None, streams=streams,
                                               progress=progress, log=log)
-            generations = _generate(model, tok, prompts, max_new_tokens, seconds, chat_template=chat)
+            generations = generate_replies(model, tok, prompts, max_new_tokens, seconds, chat_template=chat)
     finally:
         for r in references.values():
             r.close()
@@ -459,7 +461,8 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
     return record
 
 
-def _generate(model, tok, prompts, max_new_tokens: int, seconds: dict, *, chat_template: bool) -> list[dict]:
+def generate_replies(model, tok, prompts, max_new_tokens: int, seconds: dict, *, chat_template: bool) -> list[dict]:
+    """One greedy completion per prompt, each as {"prompt", "chat_template", "generation"}; adds to seconds["generate"]."""
     from ..eval.continuation import greedy_generate
 
     generations = []
