@@ -7,7 +7,7 @@ shape, 2**bits levels instead of 2**bits - 1 steps, zero point not rounded, a si
 so that the message names the mistake. Passing prints a one-line confirmation.
 
     check_rtn_params(fn)     notebook 01: fn(W, bits) -> (scale, zero), per row, asymmetric
-    check_gptq_update(fn)    notebook 02: fn(W, Hinv, j, q) -> W after quantizing column j
+    check_gptq_update(fn)    notebook 02: fn(W, U, i, q) -> W after quantizing column i
     check_tacq_score(fn)     notebook 03: fn(W, G, QW) -> TaCQ's score
     check_pack3(fn)          notebook 05: fn(codes) -> int32 words, 10 three-bit codes each
 
@@ -127,47 +127,49 @@ def _gptq_case(seed: int = 2):
 
 
 def check_gptq_update(fn) -> None:
-    """fn(W [rows, cols], Hinv [cols, cols] upper Cholesky of H⁻¹, j, q [rows]) -> new W [rows, cols]."""
-    W, H, Hinv = _gptq_case()
-    for j in (0, 3):
-        q = torch.round(W[:, j] * 2) / 2  # a coarse grid
-        out = _call(fn, "your function", W.clone(), Hinv.clone(), j, q.clone())
+    """fn(W [rows, cols], U [cols, cols] upper Cholesky factor of H⁻¹, i, q [rows]) -> new W [rows, cols].
+
+    Messages use notebook 02's names: the factor is `U`, the column being quantized is `i`."""
+    W, H, U = _gptq_case()
+    for i in (0, 3):
+        q = torch.round(W[:, i] * 2) / 2  # a coarse grid
+        out = _call(fn, "your function", W.clone(), U.clone(), i, q.clone())
         got = _tensor(out, "the returned W", tuple(W.shape), "return the whole updated matrix.").double()
-        ref = _obs_step(W, H, j, q)
+        ref = _obs_step(W, H, i, q)
         if _close(got, ref, 1e-8):
             continue
-        err = (W[:, j] - q) / Hinv[j, j]
+        err = (W[:, i] - q) / U[i, i]
         if _close(got, W, 1e-12):
-            raise ExerciseError("W came back unchanged: set column j to q and update the columns after it.")
-        if not _close(got[:, j], q, 1e-8):
-            raise ExerciseError(f"column j={j} should hold the quantized values q after the update.")
-        if not _close(got[:, :j], W[:, :j], 1e-8):
-            raise ExerciseError(f"columns before j={j} changed: they are already quantized and must stay as they are.")
+            raise ExerciseError("W came back unchanged: set column i to q and update the columns after it.")
+        if not _close(got[:, i], q, 1e-8):
+            raise ExerciseError(f"column i={i} should hold the quantized values q after the update.")
+        if not _close(got[:, :i], W[:, :i], 1e-8):
+            raise ExerciseError(f"columns before i={i} changed: they are already quantized and must stay as they are.")
         plus = W.clone()
-        plus[:, j] = q
-        plus[:, j + 1:] += err[:, None] * Hinv[j, j + 1:][None, :]
+        plus[:, i] = q
+        plus[:, i + 1:] += err[:, None] * U[i, i + 1:][None, :]
         if _close(got, plus, 1e-8):
-            raise ExerciseError("sign error: the later columns must move by −err · Hinv[j, j+1:], "
+            raise ExerciseError("sign error: the later columns must move by −err · U[i, i+1:], "
                                 "compensating the error, not doubling it.")
         raw = W.clone()
-        raw[:, j] = q
-        raw[:, j + 1:] -= (W[:, j] - q)[:, None] * Hinv[j, j + 1:][None, :]
+        raw[:, i] = q
+        raw[:, i + 1:] -= (W[:, i] - q)[:, None] * U[i, i + 1:][None, :]
         if _close(got, raw, 1e-8):
-            raise ExerciseError("the error is not divided by Hinv[j, j]: err = (w − q) / Hinv[j, j] before it is "
-                                "multiplied by the row Hinv[j, j+1:].")
+            raise ExerciseError("the error is not divided by U[i, i]: err = (w − q) / U[i, i] before it is "
+                                "multiplied by the row U[i, i+1:].")
         sq = W.clone()
-        sq[:, j] = q
-        sq[:, j + 1:] -= ((W[:, j] - q) / Hinv[j, j] ** 2)[:, None] * Hinv[j, j + 1:][None, :]
+        sq[:, i] = q
+        sq[:, i + 1:] -= ((W[:, i] - q) / U[i, i] ** 2)[:, None] * U[i, i + 1:][None, :]
         if _close(got, sq, 1e-8):
-            raise ExerciseError("the error is divided by Hinv[j, j]²; with the Cholesky factor it is divided once.")
+            raise ExerciseError("the error is divided by U[i, i]²; with the Cholesky factor it is divided once.")
         col = W.clone()
-        col[:, j] = q
-        col[:, j + 1:] -= err[:, None] * Hinv[j + 1:, j][None, :]
+        col[:, i] = q
+        col[:, i + 1:] -= err[:, None] * U[i + 1:, i][None, :]
         if _close(got, col, 1e-8):
-            raise ExerciseError("the update uses the column Hinv[j+1:, j]; with the upper Cholesky factor it is the "
-                                "row Hinv[j, j+1:] (the column below the diagonal is zero).")
-        raise ExerciseError(f"the update at j={j} differs from W[:, j+1:] −= err ⊗ Hinv[j, j+1:] with "
-                            f"err = (w − q) / Hinv[j, j]; largest difference {float((got - ref).abs().max()):.3g}.")
+            raise ExerciseError("the update uses the column U[i+1:, i]; with the upper Cholesky factor it is the "
+                                "row U[i, i+1:] (the column below the diagonal is zero).")
+        raise ExerciseError(f"the update at i={i} differs from W[:, i+1:] −= err ⊗ U[i, i+1:] with "
+                            f"err = (w − q) / U[i, i]; largest difference {float((got - ref).abs().max()):.3g}.")
     _ok("the GPTQ column update matches the optimal-brain-surgeon step used by tacq_lite.algo.gptq.")
 
 

@@ -15,6 +15,40 @@ from ..core.quant import dequantize, find_params, quantize
 
 logger = logging.getLogger(__name__)
 
+# One colour per method and selector across every notebook's figures, so that "green" means TaCQ in
+# notebook 02 as in 07. Selector names are those of algo/selectors.py; "fp" is the float model and
+# "none" a mask that keeps nothing (plain RTN/GPTQ at the same bits). Variants of a method
+# ("TaCQ task", "tacq 2-bit") take their method's colour through `method_color`.
+METHOD_COLORS = {
+    "fp": "0.35",
+    "rtn": "tab:orange",
+    "gptq": "tab:blue",
+    "none": "tab:blue",
+    "tacq": "tab:green",
+    "qal": "tab:olive",
+    "msg": "tab:cyan",
+    "gradient": "tab:purple",
+    "fisher": "tab:pink",
+    "hessian": "tab:brown",
+    "magnitude": "tab:red",
+    "activation": "goldenrod",
+    "owq_columns": "darkslateblue",
+    "random": "0.65",
+}
+
+
+def method_color(name: str) -> str:
+    """The course's colour for a method or selector; a longer label ("TaCQ task", "gptq_3") takes the
+    colour of the first known name it starts with (case-insensitive). Unknown names raise, so a figure
+    never silently falls back to matplotlib's cycle."""
+    key = name.strip().lower()
+    if key in METHOD_COLORS:
+        return METHOD_COLORS[key]
+    for known in sorted(METHOD_COLORS, key=len, reverse=True):  # "owq_columns" before "owq"-like prefixes
+        if key.startswith(known):
+            return METHOD_COLORS[known]
+    raise KeyError(f"no course colour for {name!r}; add it to tacq_lite.course.explore.METHOD_COLORS.")
+
 
 def plot_rtn(W: torch.Tensor, bits: int = 3, groupsize: int = -1, *, row: int = 0, ax=None):
     """Histogram of one row of W with its quantization grid (first group) overlaid."""
