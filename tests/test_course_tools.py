@@ -41,3 +41,29 @@ def test_method_color_of_a_variant_and_an_unknown_name():
     assert method_color("owq_columns") == METHOD_COLORS["owq_columns"]
     with pytest.raises(KeyError, match="METHOD_COLORS"):
         method_color("squeezellm")
+
+
+def test_baseline_reprint_equals_a_direct_evaluation(capsys):
+    from tacq_lite.course import baseline
+    from tacq_lite.data import corpus
+    from tacq_lite.eval.lm import evaluate_lm
+    from tacq_lite.model.loading import tiny_llama
+
+    if corpus.shared_data_dir() is None:
+        pytest.skip("../shared/data is absent: the baseline is measured on its WikiText-2 copy")
+
+    class ByteTok:
+        def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+            return {"input_ids": list(text.encode("utf-8"))}
+
+    model, tok = tiny_llama(seed=0), ByteTok()
+    tokens = corpus.eval_tokens(tok, "wikitext2", max_tokens=2048, seq_len=512)
+    direct = evaluate_lm(model, tokens, seq_len=512, progress=False)
+    here = evaluate_lm(model, tokens[:1024], seq_len=128, progress=False)
+    base = baseline.print_baseline(model, tok, here=here, here_seq_len=128)
+    assert base.window_nll == direct.window_nll and base.n_windows == 4
+    out = capsys.readouterr().out
+    assert "4 windows × 512 tokens = 2048 tokens, 2044 predicted" in out
+    assert "8 windows × 128 tokens" in out and "shorter windows" in out
+    with pytest.raises(ValueError, match="here_seq_len"):
+        baseline.print_baseline(model, tok, here=here)
