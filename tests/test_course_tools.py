@@ -67,3 +67,15 @@ def test_baseline_reprint_equals_a_direct_evaluation(capsys):
     assert "8 windows × 128 tokens" in out and "shorter windows" in out
     with pytest.raises(ValueError, match="here_seq_len"):
         baseline.print_baseline(model, tok, here=here)
+
+
+def test_plot_rtn_labels_its_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from tacq_lite.course.explore import plot_rtn
+
+    ax = plot_rtn(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), bits=3)
+    assert ax.get_xlabel() and ax.get_ylabel() and "3-bit RTN" in ax.get_title()
