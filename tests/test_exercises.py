@@ -121,7 +121,7 @@ def test_pack3_mistakes(fn, message):
 
 
 def test_unwritten_stub_is_reported():
-    def stub(*_a):
+    def stub(*_a, **_kw):  # check_dequant_groups passes bits, cols, groupsize by keyword
         raise NotImplementedError("exercise: write this part")
 
     for check in ex.CHECKERS.values():
@@ -193,3 +193,97 @@ def test_student_copies_never_overwrite_without_asking(tmp_path):
     assert student.make_student_copies(notebooks, out, overwrite=True) == {"09_demo.ipynb": 1, "10_more.ipynb": 1}
     assert "NotImplementedError" in nbformat.read(out / "10_more.ipynb", 4).cells[1].source
     assert sorted(p.name for p in out.iterdir()) == ["09_demo.ipynb", "10_more.ipynb"]  # no temporary files left
+
+
+# ------------------------------------------------------------------ notebook 05: a Triton dequant kernel with groups
+
+try:  # the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, conftest.py)
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install without triton: these tests are skipped
+    triton = None
+needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
+
+ROW_GROUP, PER_ROW, NO_ROW, TRANSPOSED, GS_PLUS_1, NO_ZERO, ZERO_AFTER, OLD_BROADCAST, STUB = range(1, 10)
+
+
+if triton is not None:
+    @triton.jit
+    def _dequant_groups(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, cols, words_per_row, n_groups, groupsize,
+                        BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        MISTAKE: tl.constexpr):
+        """The reference solution of notebook 05's exercise (MISTAKE = 0) and its usual mistakes."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (r[:, None] < rows) & (c[None, :] < cols)
+        word = tl.load(packed_ptr + r[:, None] * words_per_row + c[None, :] // PER_WORD, mask=ok, other=0)
+        q = ((word >> ((c[None, :] % PER_WORD) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        if MISTAKE == STUB:
+            raise NotImplementedError("exercise: write this part")
+        g = c[None, :] // groupsize + 0 * r[:, None]  # [BLOCK_R, BLOCK_C]
+        off = r[:, None] * n_groups + g
+        if MISTAKE == ROW_GROUP:
+            off = r[:, None] * n_groups + r[:, None] // groupsize + 0 * c[None, :]
+        if MISTAKE == PER_ROW:
+            off = r[:, None] + 0 * c[None, :]
+        if MISTAKE == NO_ROW:
+            off = g
+        if MISTAKE == TRANSPOSED:
+            off = g * rows + r[:, None]
+        if MISTAKE == GS_PLUS_1:
+            off = r[:, None] * n_groups + c[None, :] // (groupsize + 1)
+        s = tl.load(scale_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        w = s * (q - z)
+        if MISTAKE == NO_ZERO:
+            w = s * q
+        if MISTAKE == ZERO_AFTER:
+            w = s * q - z
+        if MISTAKE == OLD_BROADCAST:
+            w = s[:, None] * (q - z[:, None])
+        tl.store(out_ptr + r[:, None] * cols + c[None, :], w, mask=ok)
+
+
+def dequant_groups_solution(mistake=0):
+    def launch(packed, scale, zero, *, bits, cols, groupsize):
+        rows = packed.shape[0]
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
+        _dequant_groups[grid](packed, scale, zero, out, rows, cols, packed.shape[1], scale.shape[1], groupsize,
+                              BITS=bits, PER_WORD=pack.codes_per_word(bits), BLOCK_R=16, BLOCK_C=64, MISTAKE=mistake)
+        return out
+
+    return launch
+
+
+@needs_triton
+def test_dequant_groups_reference_passes(capsys):
+    ex.check_dequant_groups(dequant_groups_solution())
+    assert "✓ dequant_groups matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (ROW_GROUP, "comes from the row"),
+    (PER_ROW, "read at `scale_ptr \\+ r`"),
+    (NO_ROW, "row offset is missing"),
+    (TRANSPOSED, "as if they were \\[n_groups, rows\\]"),
+    (GS_PLUS_1, "groupsize \\+ 1"),
+    (NO_ZERO, "zero is not subtracted"),
+    (ZERO_AFTER, "after scaling"),
+    (OLD_BROADCAST, "without \\[:, None\\]"),
+    (STUB, "not written yet"),
+])
+@needs_triton
+def test_dequant_groups_mistakes(mistake, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_dequant_groups(dequant_groups_solution(mistake))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda packed, scale, zero, *, bits, cols, groupsize: torch.full((packed.shape[0], cols), float("nan")), "NaN"),
+    (lambda packed, scale, zero, *, bits, cols, groupsize: torch.zeros(cols, packed.shape[0]), "has shape"),
+    (lambda packed, scale, zero, *, bits, cols, groupsize: None, "forget `return`"),
+])
+def test_dequant_groups_launcher_mistakes(fn, message):
+    with pytest.raises(ex.ExerciseError, match=message):
+        ex.check_dequant_groups(fn)

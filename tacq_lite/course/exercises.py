@@ -10,6 +10,7 @@ so that the message names the mistake. Passing prints a one-line confirmation.
     check_gptq_update(fn)    notebook 02: fn(W, U, i, q) -> W after quantizing column i
     check_tacq_score(fn)     notebook 03: fn(W, G, QW) -> TaCQ's score
     check_pack3(fn)          notebook 05: fn(codes) -> int32 words, 10 three-bit codes each
+    check_dequant_groups(fn) notebook 05: fn(packed, scale, zero, *, bits, cols, groupsize) -> dense, Triton
 
 `tacq-lite student` writes student copies of the notebooks with the solutions removed (course/student.py).
 """
@@ -243,7 +244,95 @@ def check_pack3(fn) -> None:
     _ok("3-bit packing matches tacq_lite.core.pack.pack, including a padded last word.")
 
 
-CHECKERS = {"rtn_params": check_rtn_params, "gptq_update": check_gptq_update, "tacq_score": check_tacq_score,
-            "pack3": check_pack3}
+# --------------------------------------------------------------------------- group dequant kernel (notebook 05)
 
-__all__ = ["CHECKERS", "ExerciseError", "check_gptq_update", "check_pack3", "check_rtn_params", "check_tacq_score"]
+
+def _not_written(err: BaseException) -> bool:
+    """True when err, or what caused it (Triton's interpreter wraps kernel errors), is the exercise stub."""
+    while err is not None:
+        if isinstance(err, NotImplementedError) or "exercise: write this part" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _dequant_groups_mistakes(codes, scale, zero, groupsize):
+    """What the usual mistakes of the group-dequant exercise compute, in float64: [(value, message)]."""
+    rows, cols = codes.shape
+    Q, S, Z = codes.double(), scale.double(), zero.double()  # [rows, cols], [rows, n_groups] x2
+    r, c = torch.arange(rows), torch.arange(cols)
+    g = c // groupsize  # [cols] the right group of each column
+    Sf, Zf = S.flatten(), Z.flatten()  # what the kernel sees: row-major memory
+
+    def grid(s, z):
+        return s * (Q - z)
+
+    return [
+        (grid(S[r, r // groupsize][:, None], Z[r, r // groupsize][:, None]),
+         "`g` comes from the row (r // groupsize); groups run along the columns: g = c // groupsize."),
+        (grid(Sf[r][:, None], Zf[r][:, None]),
+         "scale and zero are read at `scale_ptr + r`, as in `dequant_rows`; with groups they are [rows, n_groups] "
+         "in row-major order, so element (r, g) sits at offset r * n_groups + g."),
+        (grid(S[0, g][None, :], Z[0, g][None, :]),
+         "the row offset is missing: every row reads row 0's scale and zero; the offset is r * n_groups + g."),
+        (grid(Sf[g[None, :] * rows + r[:, None]], Zf[g[None, :] * rows + r[:, None]]),
+         "scale and zero are indexed as if they were [n_groups, rows] (g * rows + r); they are [rows, n_groups]: "
+         "r * n_groups + g."),
+        (grid(S[:, c // (groupsize + 1)], Z[:, c // (groupsize + 1)]),
+         "the group index divides by groupsize + 1: columns 0 .. groupsize − 1 form group 0, so g = c // groupsize."),
+        (S[:, g] * Q, "the zero is not subtracted: w = s · (q − z)."),
+        (S[:, g] * Q - Z[:, g], "the zero is subtracted after scaling (s · q − z); subtract it from the code first: "
+                                "w = s · (q − z)."),
+        (Q - Z[:, g], "the scale is missing: w = s · (q − z)."),
+    ]
+
+
+def check_dequant_groups(fn) -> None:
+    """fn(packed, scale, zero, *, bits, cols, groupsize) -> float32 [rows, cols], column c using group c // groupsize.
+
+    fn launches the learner's Triton kernel (through TRITON_INTERPRET=1 on a CPU); scale and zero are fp16
+    [rows, cols // groupsize]. Shapes are odd on purpose: rows and cols are not multiples of the tile.
+    """
+    gen = torch.Generator().manual_seed(5)
+    for bits, rows, cols, groupsize in ((3, 19, 72, 24), (2, 5, 40, 8), (4, 6, 36, 12)):
+        W = torch.randn(rows, cols, generator=gen)
+        scale, zero = quant.find_params(W, bits=bits, groupsize=groupsize)  # [rows, n_groups] each
+        codes = quant.quantize(W, scale, zero, bits=bits)  # uint8 [rows, cols]
+        packed = pack.pack(codes, bits=bits)  # int32 [rows, words]
+        s16, z16 = scale.half(), zero.half()
+        where = f"at bits={bits}, rows={rows}, cols={cols}, groupsize={groupsize}"
+        try:
+            out = fn(packed.clone(), s16.clone(), z16.clone(), bits=bits, cols=cols, groupsize=groupsize)
+        except Exception as err:  # the interpreter wraps what the kernel raised
+            if _not_written(err):
+                raise ExerciseError("dequant_groups is not written yet (it raises NotImplementedError): replace the "
+                                    "`raise NotImplementedError` line with your code.") from None
+            hint = (" In the kernel, s and z are now [BLOCK_R, BLOCK_C] (one per element): load them with the 2-D "
+                    "mask `ok` and use them as they are, without [:, None]."
+                    if "broadcast" in str(err).lower() or "shape" in str(err).lower() else "")
+            raise ExerciseError(f"your launcher raised {type(err).__name__} {where}: {err}.{hint}") from err
+        got = _tensor(out, "the dequantized matrix", (rows, cols), "one value per weight, [rows, cols].")
+        if not got.is_floating_point():
+            raise ExerciseError(f"the output must be floating point, got {got.dtype}.")
+        from ..kernels.dequant import dequantize_packed_ref  # here: it imports triton (after TRITON_INTERPRET is set)
+
+        ref = dequantize_packed_ref(packed, s16, z16, bits=bits, cols=cols, groupsize=groupsize, dtype=torch.float32)
+        if _close(got, ref):
+            continue
+        if not torch.isfinite(got).all():
+            raise ExerciseError(f"some outputs are NaN or inf {where}: an entry was not written, or a load read past "
+                                "the grid; every load and the store need the mask `ok`.")
+        for value, message in _dequant_groups_mistakes(codes, s16, z16, groupsize):
+            if _close(got, value):
+                raise ExerciseError(f"{message} (seen {where})")
+        bad = ~torch.isclose(got.double(), ref.double(), rtol=1e-5, atol=1e-5)  # [rows, cols]
+        raise ExerciseError(f"the output differs from tacq_lite's dequantize_packed_ref {where} at {int(bad.sum())} "
+                            f"of {bad.numel()} weights, first at (row, col) = {tuple(bad.nonzero()[0].tolist())}.")
+    _ok("dequant_groups matches tacq_lite's dequantize_packed_ref at 2, 3 and 4 bits on odd shapes.")
+
+
+CHECKERS = {"rtn_params": check_rtn_params, "gptq_update": check_gptq_update, "tacq_score": check_tacq_score,
+            "pack3": check_pack3, "dequant_groups": check_dequant_groups}
+
+__all__ = ["CHECKERS", "ExerciseError", "check_dequant_groups", "check_gptq_update", "check_pack3", "check_rtn_params",
+           "check_tacq_score"]
