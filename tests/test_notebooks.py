@@ -107,6 +107,14 @@ def test_06_evaluation(tmp_path):
         assert len(res[m]["synthetic"]["item_nll"]) == 6 * 3  # six tasks, three items each
     assert r["n_kept"]["TaCQ general"] == r["n_kept"]["TaCQ task"] > 0  # same budget, different samples
     assert 0 < r["jaccard"] < 1
+    tasks = {"copy", "count", "calendar", "add", "agreement", "last_word"}
+    assert set(r["verdicts"]) == {f"{t} {k}" for t in tasks for k in ("NLL", "accuracy")} | {
+        "synthetic answer NLL", "synthetic accuracy", "wikitext2 window NLL"}  # one verdict per comparison
+    for key, v in r["verdicts"].items():
+        (g, gl, gh), (t, tl, th), (d, dl, dh) = (r["intervals"][key][s] for s in ("general", "task", "diff"))
+        assert gl <= g <= gh and tl <= t <= th and dl <= d <= dh, key
+        assert (v["separate"] == "not distinguishable") == (tl <= gh and gl <= th), key  # follows the intervals
+        assert (v["paired"] == "not distinguishable") == (dl <= 0 <= dh), key
 
 
 @pytest.mark.slow
