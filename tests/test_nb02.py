@@ -49,8 +49,7 @@ def test_opens_with_what_you_learn_need_and_run_time(nb):
     for block in ("**What you will learn**", "**What you need:**", "**Run time**"):
         assert block in intro, f"the opening block lacks {block}"
     assert "00" in intro[intro.index("**What you need:**"):] and "01" in intro[intro.index("**What you need:**"):]
-    run_time = intro[intro.index("**Run time**"):]
-    assert "cold" in run_time and "warm" in run_time and re.search(r"about \d+ minutes", run_time)
+    # the run time and its source: tests/test_course_notebooks.py::test_run_time_is_the_measured_one
 
 
 def test_every_section_asserts(nb):
