@@ -29,16 +29,17 @@ from tacq_lite.io import read_json, write_json_atomic  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 OUT = ROOT / "bench" / "results" / "notebooks" / "times.json"
+TIME = "/usr/bin/time"  # GNU time: wall, CPU and peak memory of the whole process tree
 
 
-def timed_execute(notebook: Path, out_dir: Path, cache: Path) -> dict:
+def timed_execute(notebook: Path, out_dir: Path, cache: Path, cwd: Path = NOTEBOOKS) -> dict:
     """Execute `notebook` into out_dir with the cache folder `cache`; wall, CPU and memory of the run."""
     stats = out_dir / "time.txt"
     load = os.getloadavg()[0]
-    cmd = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), str(Path(sys.executable).parent / "jupyter"),
+    cmd = [TIME, "-f", "%e %U %S %M", "-o", str(stats), str(Path(sys.executable).parent / "jupyter"),
            "nbconvert", "--to", "notebook", "--execute", "--output-dir", str(out_dir),
            "--ExecutePreprocessor.timeout=3600", str(notebook)]
-    done = subprocess.run(cmd, cwd=NOTEBOOKS, env={**os.environ, "TACQ_LITE_CACHE": str(cache)},
+    done = subprocess.run(cmd, cwd=cwd, env={**os.environ, "TACQ_LITE_CACHE": str(cache)},
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{notebook.name} failed:\n{done.stderr[-3000:]}")
@@ -47,18 +48,24 @@ def timed_execute(notebook: Path, out_dir: Path, cache: Path) -> dict:
             round(int(rss_kib) / 2**20, 2), "load_before": round(load, 2)}
 
 
-def main() -> None:
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("prefixes", nargs="*", help="notebook number prefixes, e.g. 03 07 (default: all)")
     ap.add_argument("--write-back", action="store_true", help="keep the warm run's outputs in notebooks/")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     found = sorted(NOTEBOOKS.glob("0*.ipynb"))
     chosen = [p for p in found if not args.prefixes or p.name[:2] in args.prefixes]
     unknown = set(args.prefixes) - {p.name[:2] for p in found}
     if unknown:
-        print(f"error: no notebook starts with {', '.join(sorted(unknown))}; choose from "
-              f"{', '.join(p.name[:2] for p in found)}", file=sys.stderr)
-        raise SystemExit(2)
+        names = ", ".join(p.name[:2] for p in found)
+        fail(f"no notebook starts with {', '.join(sorted(unknown))}; choose from {names}")
+    if not Path(TIME).is_file():
+        fail(f"{TIME} is missing; install GNU time (apt install time) to measure CPU time and peak memory")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     record = read_json(OUT) if OUT.is_file() else {"notebooks": {}}
     for nb in chosen:

@@ -166,3 +166,28 @@ def test_gpu_bench_runs_the_whole_pipeline_on_the_cpu(tmp_path, dtype):
     assert rec["n_kept"] == round(0.01 * 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192))
     assert rec["predicted"]["peak_device_gib"] == 0 and rec["peak_host_gib"] > 0
     assert bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path)]) == 2
+
+
+def test_notebook_timing_bench_measures_a_run_and_refuses_a_bad_prefix(tmp_path, capsys):
+    nbformat = pytest.importorskip("nbformat")
+    bench = load("bench_notebooks")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["99"])
+    assert stop.value.code == 2 and "no notebook starts with 99" in capsys.readouterr().err
+    if not Path(bench.TIME).is_file():
+        pytest.skip("GNU time is not installed")
+    nb = tmp_path / "tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = sum(range(10**6))")]), nb)
+    (tmp_path / "out").mkdir()
+    run = bench.timed_execute(nb, tmp_path / "out", tmp_path, cwd=tmp_path)
+    assert run["wall_s"] > 0 and run["cpu_s"] > 0 and 0 < run["peak_rss_gib"] < 8
+    assert (tmp_path / "out" / "tiny.ipynb").is_file()  # the executed copy; the original is untouched
+
+
+def test_notebook_timing_table_marks_edited_notebooks():
+    bench = load("bench_notebooks")
+    run = {"wall_s": 61.0, "cpu_s": 90.0, "peak_rss_gib": 2.0}
+    record = {"notebooks": {"03_x.ipynb": {"cold": run, "warm": {**run, "wall_s": 30.0}, "commit": "abc1234",
+                                           "uncommitted_edits": True, "date": "2026-12-07 05:00 UTC"}}}
+    row = bench.markdown_table(record).splitlines()[-1]
+    assert row == "| `03_x` | 61 s, 90 s | 30 s, 90 s | 2.0 GiB | 2026-12-07 05:00 UTC, abc1234 + edits |"
