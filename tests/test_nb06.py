@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from notebook_checks import sections  # noqa: E402
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -36,19 +37,6 @@ def all_output(nb) -> str:
 
 def markdown(nb) -> str:
     return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-
-
-def sections(nb) -> dict[str, list]:
-    """{'## n. title': [cells up to the next '## ' heading]}."""
-    out, current = {}, None
-    for cell in nb.cells:
-        heading = cell.source.splitlines()[0] if cell.cell_type == "markdown" and cell.source else ""
-        if heading.startswith("## "):
-            current = heading
-            out[current] = []
-        elif current is not None:
-            out[current].append(cell)
-    return out
 
 
 def test_the_task_list_matches_the_library():
