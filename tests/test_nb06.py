@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from notebook_checks import sections  # noqa: E402
+from notebook_checks import sections
 
 nbformat = pytest.importorskip("nbformat")
 
