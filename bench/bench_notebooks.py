@@ -7,7 +7,8 @@ For each notebook: `jupyter nbconvert --to notebook --execute` twice, with `TACQ
 at a new empty folder. The first run is cold (the GGUF is parsed and converted, gradients and
 Q(W) are computed and cached); the second reuses that folder, as a learner's second run does.
 Each run's wall time, user + system CPU time and peak resident memory come from `/usr/bin/time`;
-the load average before each run is recorded, since these numbers mean little on a busy machine.
+the load average before each run and the CPU time the hypervisor took from this machine during it
+("steal", from /proc/stat) are recorded, since these numbers mean little on a busy machine or host.
 `--write-back` copies the warm run's executed notebook over the committed one, so its outputs are
 the ones measured. Writes bench/results/notebooks/times.json (merged with earlier entries).
 """
@@ -32,10 +33,29 @@ OUT = ROOT / "bench" / "results" / "notebooks" / "times.json"
 TIME = "/usr/bin/time"  # GNU time: wall, CPU and peak memory of the whole process tree
 
 
+def steal_seconds() -> float | None:
+    """CPU seconds taken by the hypervisor from this machine since boot, summed over cores (None off Linux)."""
+    try:
+        # "cpu  user nice system idle iowait irq softirq steal ...", in clock ticks
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("unknown" elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def timed_execute(notebook: Path, out_dir: Path, cache: Path, cwd: Path = NOTEBOOKS) -> dict:
     """Execute `notebook` into out_dir with the cache folder `cache`; wall, CPU and memory of the run."""
     stats = out_dir / "time.txt"
-    load = os.getloadavg()[0]
+    load, steal = os.getloadavg()[0], steal_seconds()
     cmd = [TIME, "-f", "%e %U %S %M", "-o", str(stats), str(Path(sys.executable).parent / "jupyter"),
            "nbconvert", "--to", "notebook", "--execute", "--output-dir", str(out_dir),
            "--ExecutePreprocessor.timeout=3600", str(notebook)]
@@ -44,8 +64,9 @@ def timed_execute(notebook: Path, out_dir: Path, cache: Path, cwd: Path = NOTEBO
     if done.returncode != 0:
         raise SystemExit(f"{notebook.name} failed:\n{done.stderr[-3000:]}")
     wall, user, system, rss_kib = stats.read_text().split()[-4:]
+    stolen = None if steal is None else round(steal_seconds() - steal, 1)
     return {"wall_s": float(wall), "cpu_s": round(float(user) + float(system), 1), "peak_rss_gib":
-            round(int(rss_kib) / 2**20, 2), "load_before": round(load, 2)}
+            round(int(rss_kib) / 2**20, 2), "load_before": round(load, 2), "steal_s": stolen}
 
 
 def fail(message: str) -> None:
@@ -78,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
                 (Path(tmp) / kind).mkdir()
                 runs[kind] = timed_execute(nb, Path(tmp) / kind, cache)
                 print(f"{nb.name} {kind}: {runs[kind]['wall_s']:.0f} s wall, {runs[kind]['cpu_s']:.0f} s CPU, "
-                      f"{runs[kind]['peak_rss_gib']} GiB, load before {runs[kind]['load_before']}", flush=True)
+                      f"{runs[kind]['peak_rss_gib']} GiB, load before {runs[kind]['load_before']}, "
+                      f"steal {runs[kind]['steal_s']} s", flush=True)
             if args.write_back:
                 shutil.copyfile(Path(tmp) / "warm" / nb.name, nb)
         record["notebooks"][nb.name] = {**runs, "commit": commit.strip(), "uncommitted_edits": edited,
-                                        "threads": os.cpu_count(),
+                                        "threads": os.cpu_count(), "cpu": cpu_model(),
                                         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         write_json_atomic(OUT, record)
     print(f"wrote {OUT.relative_to(ROOT)}\n\n{markdown_table(record)}")
