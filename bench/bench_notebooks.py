@@ -44,12 +44,22 @@ def steal_seconds() -> float | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it ("unknown" elsewhere)."""
+    """The CPU as /proc/cpuinfo names it, with family, model and AVX-512 ("unknown" elsewhere).
+
+    Cloud machines of one kind can be different CPU generations behind the same name ("AMD EPYC"),
+    and PyTorch's CPU kernels run much faster on one with AVX-512: the family and model tell them apart."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    info = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name", "unknown")
+    avx512 = "avx512f" in info.get("flags", "").split()
+    return f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}" + \
+        (", AVX-512)" if avx512 else ", no AVX-512)")
 
 
 def timed_execute(notebook: Path, out_dir: Path, cache: Path, cwd: Path = NOTEBOOKS) -> dict:
