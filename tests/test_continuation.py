@@ -90,3 +90,21 @@ def test_prefix_cache_gives_the_same_scores_and_generations_as_a_full_pass():
         assert (greedy_generate(model, tok, prefix + question, max_new_tokens=4, cache=cache)
                 == greedy_generate(model, tok, prefix + question, max_new_tokens=4))
     assert cache.past.get_seq_length() == cache.valid  # runs never leave tokens behind
+
+
+def test_prefix_cache_passes_the_cache_by_the_keyword_the_model_takes():
+    """Newer transformers renamed past_key_values to `cache` and warn on every call that uses the
+    old name; the evaluators call the model once per token, so they must use the one it takes."""
+    import inspect
+    import warnings
+
+    tok, model = FakeTok(vocab=256), tiny_llama(vocab=256)
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = PrefixCache(model, encode(tok, "a b c: d\n"))
+        greedy_generate(model, tok, "a b c: d\ne f:", max_new_tokens=3, cache=cache)
+    assert cache.keyword == ("cache" if takes_cache else "past_key_values")
+    assert cache.past is not None and cache.past.get_seq_length() == cache.valid
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert PrefixCache(BigramLM(torch.zeros(64, 64))).keyword == "past_key_values"  # a forward(**kwargs): the old name

@@ -10,6 +10,7 @@ Token lists are plain `list[int]`; logits are `[positions, vocab]` float tensors
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,22 @@ def _crop(past, length: int) -> None:
         past.crop(-extra)  # a negative count removes tokens in every transformers version
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes a key/value cache: `cache` in newer transformers 5 releases,
+    `past_key_values` before (still accepted there, with a deprecation warning per call)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    """The key/value cache a forward returned (its `cache` field, or `past_key_values` before), or None."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 class PrefixCache:
     """Key/value cache of a prompt prefix shared by many sequences (the few-shot examples).
 
@@ -60,23 +77,24 @@ class PrefixCache:
 
     def __init__(self, model, prefix_ids: list[int] = ()):
         self.model, self.ids, self.past, self.valid = model, list(prefix_ids), None, 0
+        self.keyword = _cache_keyword(model)
         if self.ids:
             out = self.forward(self.ids, None)
-            past = getattr(out, "past_key_values", None)
+            past = _cache_of(out)
             if hasattr(past, "crop") and hasattr(past, "get_seq_length"):
                 self.past, self.valid = past, len(self.ids)
 
     @torch.no_grad()
     def forward(self, ids: list[int], past):
         x = torch.tensor([ids], device=_device(self.model))  # [1, seq]
-        return self.model(input_ids=x, past_key_values=past, use_cache=True)
+        return self.model(input_ids=x, use_cache=True, **{self.keyword: past})
 
     def run(self, ids: list[int], start: int):
         """(logits [len(ids) - start, vocab] for positions start.., cache holding ids or None)."""
         n = min(common_prefix(self.ids[: self.valid], ids), start) if self.past is not None else 0
         if n == 0:
             out = self.forward(ids, None)
-            return out.logits[0, start:].float(), getattr(out, "past_key_values", None)
+            return out.logits[0, start:].float(), _cache_of(out)
         _crop(self.past, n)
         self.valid = n  # the cache now holds exactly ids[:n]; the next call may reuse them
         out = self.forward(ids[n:], self.past)
@@ -135,7 +153,7 @@ def greedy_generate(model, tok, prompt: str, *, max_new_tokens: int, stop_string
                 out = cache.forward([token], past)
             else:  # no cache support: rerun the whole sequence
                 out = cache.forward(ids + new, None)
-            logits, past = out.logits[0, -1:].float(), getattr(out, "past_key_values", None)
+            logits, past = out.logits[0, -1:].float(), _cache_of(out)
     finally:
         cache.release()
     cuts = [text.find(s) for s in stop_strings if s in text]

@@ -124,7 +124,8 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, *,
                     pass
     finally:
         handle.remove()
-    kwargs.pop("past_key_values", None)
+    for key in ("cache", "past_key_values"):  # the cache keyword's name in newer and older transformers
+        kwargs.pop(key, None)
     kwargs["use_cache"] = False
     return inps, kwargs
 
