@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from notebook_checks import cell_text, sections
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -19,24 +20,6 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_gptq.ipynb"
 @pytest.fixture(scope="module")
 def nb():
     return nbformat.read(NOTEBOOK, as_version=4)
-
-
-def sections(nb) -> dict[str, list]:
-    """{'## n. title': [cells up to the next '## ' heading]}; a heading may follow prose in its cell."""
-    out, current = {}, None
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("## "):
-                    current = line
-                    out[current] = []
-        elif current is not None:
-            out[current].append(cell)
-    return out
-
-
-def outputs_text(cell) -> str:
-    return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", []))
 
 
 def cell_with(nb, needle: str):
@@ -72,7 +55,7 @@ def test_schur_rows_are_asserted_equal_to_the_librarys_cholesky_factor(nb):
     assert "torch.linalg.inv(H[1:, 1:])" in src  # the Schur complement is the inverse of the remaining block
     assert "torch.linalg.cholesky(torch.linalg.inv(H), upper=True)" in src and "inverse_hessian(" in src
     assert re.search(r"assert torch\.allclose\(from_schur, U\b.*from_schur, U_lib", src)
-    assert "== inverse_hessian" in outputs_text(cell), "the cell's stored output is missing: run the notebook"
+    assert "== inverse_hessian" in cell_text(cell), "the cell's stored output is missing: run the notebook"
     obs = cell_with(nb, "delta_F")
     assert "assert torch.allclose(delta_F, solved" in obs.source
 
@@ -105,7 +88,7 @@ def test_damping_figure_is_stored_and_labelled(nb):
     assert all(k in cell.source for k in ("xlabel", "ylabel", "title"))
     assert 'method_color("gptq")' in cell.source and 'method_color("rtn")' in cell.source
     checked = cell_with(nb, "gap[few]")
-    assert "assert" in checked.source and "held-out" in outputs_text(checked)
+    assert "assert" in checked.source and "held-out" in cell_text(checked)
 
 
 def test_every_figure_is_labelled(nb):
@@ -118,7 +101,7 @@ def test_every_figure_is_labelled(nb):
 def test_baseline_is_reprinted_once(nb):
     calls = [c for c in nb.cells if c.cell_type == "code" and "print_baseline(" in c.source]
     assert len(calls) == 1
-    text = outputs_text(calls[0])
+    text = cell_text(calls[0])
     assert "full-precision baseline (notebook 00): perplexity" in text and "full precision in this notebook" in text
 
 
