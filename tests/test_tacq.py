@@ -212,3 +212,28 @@ def test_blocked_model_and_damaged_cache(tmp_path, counts):
     with pytest.warns(score_cache.CacheWarning, match="unreadable"):
         _, _, info = run(config)
     assert info["gradients"] == "computed" and counts["grads"] == 4
+
+
+@pytest.mark.parametrize("dtype, grad_dtype", [("float32", "float32"), ("bfloat16", "float32"),
+                                               ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
+def test_the_worker_decision_is_the_same_before_and_after_loading(dtype, grad_dtype):
+    """The byte budget asks before loading (model=None) and the run asks with the model: one answer.
+    The worker runs only where the weights already have the gradient dtype, two threads are there,
+    the device is the CPU and nothing turned it off."""
+    import sys
+
+    from tacq_lite.run.tacq import uses_gradient_worker
+
+    config = QuantConfig(method="tacq", dtype=dtype, grad_dtype=grad_dtype)
+    model = tiny_llama().to(getattr(torch, dtype))
+    cpu = torch.device("cpu")
+    torch.set_num_threads(2)
+    try:
+        before, after = uses_gradient_worker(config, cpu), uses_gradient_worker(config, cpu, model)
+        assert before == after == (dtype == grad_dtype and sys.platform.startswith("linux"))
+        assert not uses_gradient_worker(config.replace(parallel=False), cpu, model)
+        assert not uses_gradient_worker(config.replace(checkpointing=True), cpu)
+        assert not uses_gradient_worker(config, torch.device("meta"))  # not the CPU: no fork
+    finally:
+        torch.set_num_threads(1)
+    assert not uses_gradient_worker(config, cpu, model)  # one thread: nothing to run beside

@@ -100,7 +100,7 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
     (run/budget.py) says the run cannot fit this machine's free memory. A model whose config
     cannot be read without loading it is not checked here."""
     from . import budget
-    from .parallel import GradientWorker
+    from .tacq import uses_gradient_worker
 
     if config.method not in ("gptq", "tacq"):
         return
@@ -109,8 +109,7 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
     except ValueError:
         return
     n_eval = sum(config.eval_tokens // config.seq_len for e in config.evals if is_perplexity(e)) if config.kl else 0
-    worker = config.method == "tacq" and config.parallel and device.type == "cpu" and not config.checkpointing \
-        and torch.get_num_threads() >= 2 and GradientWorker.usable(torch.nn.Linear(1, 1))
+    worker = config.method == "tacq" and uses_gradient_worker(config, device)
     bud = budget.budget(shape, dtype=config.dtype, device=device.type, grad_dtype=config.grad_dtype,
                         accum_device=config.accum_device, checkpointing=config.checkpointing, n_calib=config.n_calib,
                         seq_len=config.seq_len, n_eval=n_eval, method=config.method, worker=worker)

@@ -83,6 +83,23 @@ class ImportanceInputs(NamedTuple):
     meta: dict  # provenance: "cache" / "computed" per part, seconds, backward passes, cache files
 
 
+def uses_gradient_worker(config: QuantConfig, device: torch.device, model: nn.Module | None = None) -> bool:
+    """Whether step 2's backward passes run in a forked CPU worker while step 1 runs on one thread.
+
+    Decided by the config and the machine only, never by the selector or by what the cache holds:
+    the same command always rounds the same way, and every selector shares one cached Q(W). The
+    worker takes the model's weights as they are, so it runs only when they already have
+    config.grad_dtype. model=None asks before loading (the byte budget, run/budget.py), reading the
+    weights' dtype from config.dtype."""
+    grad_dtype = placement.DTYPES[config.grad_dtype]
+    if model is None:
+        weights_match = placement.DTYPES[config.dtype] == grad_dtype
+    else:
+        weights_match = all(lin.weight.dtype == grad_dtype for lin in walk.named_linears(model).values())
+    return bool(config.parallel and device.type == "cpu" and not config.checkpointing and weights_match
+                and parallel.GradientWorker.usable(model if model is not None else nn.Linear(1, 1)))
+
+
 def compute_importance(
     model: nn.Module,
     windows: torch.Tensor,
@@ -104,13 +121,7 @@ def compute_importance(
     store = ScoreCache(model, config, enabled=cache, device=device)
     meta = {"qw": "not needed", "gradients": "not needed", "seconds": {"qw": 0.0, "gradients": 0.0},
             "n_backward": 0, "seconds_per_sample": None, "files": {}}
-    # Whether step 1 runs on one thread beside a gradient worker depends on the config and the
-    # machine only, not on the selector or on what the cache holds: the same command always rounds
-    # the same way, and every selector shares one cached Q(W).
-    with_worker = (config.parallel and device.type == "cpu" and not config.checkpointing
-                   and parallel.GradientWorker.usable(model)
-                   and all(lin.weight.dtype == placement.DTYPES[config.grad_dtype]
-                           for lin in walk.named_linears(model).values()))
+    with_worker = uses_gradient_worker(config, device, model)
 
     # Step 2's cache is read first: when gradients must be computed and a worker can run, it starts
     # now and works through the samples while step 1 runs here on one thread.
