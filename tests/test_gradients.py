@@ -259,4 +259,8 @@ def test_head_in_chunks_gives_the_plain_gradient(monkeypatch, task):
     assert (chunked.n_tokens, chunked.n_samples) == (plain.n_tokens, plain.n_samples)
     for name, g in plain.G.items():
         torch.testing.assert_close(chunked.G[name], g, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(chunked.G2[name], plain.G2[name], rtol=1e-5, atol=1e-12)
+        # g² doubles g's relative rounding error, and an element near zero has no relative accuracy to
+        # speak of: the absolute tolerance is a millionth of the largest square (about 10 float32 ulps of it).
+        # On an AVX-512 CPU the chunked head's rounding put one small element 2.7e-5 apart, relatively.
+        scale = plain.G2[name].abs().max().item()
+        torch.testing.assert_close(chunked.G2[name], plain.G2[name], rtol=1e-5, atol=1e-6 * scale)
