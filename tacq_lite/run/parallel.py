@@ -128,9 +128,11 @@ class GradientWorker:
             gc.unfreeze()
 
     @staticmethod
-    def usable(model: nn.Module, *, any_threads: bool = False) -> bool:
-        """True on Linux with every parameter on the CPU and (unless any_threads) two or more torch threads."""
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    def usable(model: nn.Module | None = None, *, any_threads: bool = False) -> bool:
+        """True on Linux with every parameter on the CPU and (unless any_threads) two or more torch threads.
+
+        model=None asks about the platform only, before a model is loaded."""
+        on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
         return sys.platform.startswith("linux") and on_cpu and (any_threads or torch.get_num_threads() >= 2)
 
     def _take(self) -> int:

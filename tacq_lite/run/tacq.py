@@ -97,7 +97,7 @@ def uses_gradient_worker(config: QuantConfig, device: torch.device, model: nn.Mo
     else:
         weights_match = all(lin.weight.dtype == grad_dtype for lin in walk.named_linears(model).values())
     return bool(config.parallel and device.type == "cpu" and not config.checkpointing and weights_match
-                and parallel.GradientWorker.usable(model if model is not None else nn.Linear(1, 1)))
+                and parallel.GradientWorker.usable(model))
 
 
 def compute_importance(
