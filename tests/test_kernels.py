@@ -5,9 +5,9 @@ import torch
 
 from tacq_lite.core import pack as P
 from tacq_lite.core import quant
-from tacq_lite.kernels import choose_backend, dequant_matmul, dequant_weight
+from tacq_lite.kernels import choose_backend, dequant_matmul, dequant_weight, tuning
 from tacq_lite.kernels.dequant import dequantize_packed, dequantize_packed_ref
-from tacq_lite.kernels.gemv import gemv, gemv_ref
+from tacq_lite.kernels.gemv import gemv, gemv_configs, gemv_ref
 
 try:
     import triton  # noqa: F401
@@ -68,6 +68,25 @@ def test_dequant_kernel_matches_reference(bits, groupsize):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kept_scatter_kernel_writes_every_kept_weight(dtype):
+    """The Triton scatter: rows with more kept entries than a tile, rows with none, int32 col_idx."""
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=3, groupsize=64, kept_frac=0.05, rows=70, cols=192)
+    kw = dict(bits=3, cols=192, groupsize=64, dtype=dtype)
+    dense_only = dequantize_packed_ref(packed, scale, zero, None, **kw)
+    for k in (kept, kept._replace(col_idx=kept.col_idx.int())):
+        out = dequantize_packed(packed, scale, zero, k, **kw)
+        ref = dequantize_packed_ref(packed, scale, zero, k, **kw)
+        if dtype == torch.bfloat16:  # the interpreter truncates to bf16 where torch (and a GPU) rounds to nearest
+            torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(out, ref)
+        moved = mask & (ref != dense_only)  # kept weights whose value is not the decoded code's
+        assert moved.sum() > 0.5 * mask.sum()
+        torch.testing.assert_close(out[moved], ref[moved], rtol=2**-7, atol=0)  # written, not left decoded
+
+
+@needs_triton
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("groupsize", [-1, 64])
 @pytest.mark.parametrize("kept_frac", [0.0, 0.035])
@@ -78,6 +97,76 @@ def test_gemv_kernel_matches_reference(bits, groupsize, kept_frac, M):
     y = gemv(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize)  # [M, rows]
     assert y.shape == (M, W.shape[0]) and y.dtype == x.dtype
     torch.testing.assert_close(y, gemv_ref(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize), rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits, M", [(2, 1), (3, 1), (4, 1), (8, 1), (3, 5), (8, 5)])  # M > 1: the tl.dot path
+@pytest.mark.parametrize("groupsize", [-1, 64])
+def test_every_gemv_configuration_is_right(bits, groupsize, M):
+    """Each configuration the tuner may pick (warps aside: the interpreter ignores them), on a shape
+    where split-K really splits: per channel, 700 columns are 2-6 segments of 32 words; at group 64,
+    640 columns are 10 groups (a 3-bit group straddles words). Row 5 has more kept entries than a
+    CSR tile, rows 17-23 none."""
+    rows, cols = 24, 700 if groupsize == -1 else 640
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=bits, groupsize=groupsize, kept_frac=0.01,
+                                                           rows=rows, cols=cols, seed=bits + M)
+    x = torch.randn(M, cols)  # [M, cols]
+    ref = x.double() @ dense_final(W, mask, codes, scale, zero).T  # [M, rows]
+    configs = gemv_configs(rows, cols, bits, groupsize if groupsize > 0 else cols, M)
+    assert {c["SPLIT_K"] for c in configs} >= {1, 2, 4}  # 24 rows fill no GPU: split-K is on the list
+    tiles = {(c["BLOCK_N"], c["BLOCK_W"], c["SPLIT_K"]): c for c in configs}
+    for cfg in tiles.values():
+        y = gemv(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize, config=cfg)
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == (M, rows) and rel < 1e-5, (cfg, rel)
+
+
+def test_gemv_configs_split_only_when_rows_cannot_fill_a_gpu():
+    small = gemv_configs(256, 4096, 3, 128, 1)
+    big = gemv_configs(14336, 4096, 3, 128, 1)
+    assert max(c["SPLIT_K"] for c in small) == 8 and {c["SPLIT_K"] for c in big} == {1}
+    for cfg in gemv_configs(4096, 4096, 8, 128, 16):  # tl.dot needs dims >= 16 on a GPU
+        assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_W"] * 4 >= 16
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_16_bit_inputs(dtype):
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=3, groupsize=64, kept_frac=0.01, rows=40, cols=1152)
+    W_final = dense_final(W, mask, codes, scale, zero)
+    for M in (1, 4):
+        x = torch.randn(M, 1152).to(dtype)
+        y = gemv(x, packed, scale, zero, kept, bits=3, groupsize=64)
+        ref = x.double() @ W_final.T
+        assert y.dtype == dtype
+        # fp32 accumulation; the 16-bit output adds its own rounding (fp16 2^-11, bf16 2^-8 relative)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+def test_tuning_times_each_configuration_once_per_key():
+    tuning.forget()
+    configs = [dict(name="a"), dict(name="b"), dict(name="c")]
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def timer(fn):
+        return fn()
+
+    def run(cfg):
+        timed.append(cfg["name"])
+        return cost[cfg["name"]]
+
+    key = ("demo", 1)
+    assert tuning.pick(key, configs, run, device="cuda", timer=timer)["name"] == "b"
+    assert tuning.pick(key, configs, run, device="cuda", timer=timer)["name"] == "b"
+    assert timed == ["a", "b", "c"]  # the second call is a lookup
+    assert tuning.chosen()[key]["name"] == "b"
+    assert tuning.pick(("cpu", 1), configs, run, device="cpu")["name"] == "a"  # untimed off a GPU
+    assert timed == ["a", "b", "c"] and ("cpu", 1) not in tuning.chosen()
+    with pytest.raises(ValueError, match="no configurations"):
+        tuning.pick(("empty",), [], run, device="cpu")
+    tuning.forget()
+    assert tuning.chosen() == {}
 
 
 @needs_triton
