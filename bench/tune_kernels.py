@@ -1,15 +1,20 @@
 """Sweep the Triton kernels' block sizes on a GPU and print the fastest configurations.
 
-The defaults in tacq_lite/kernels were first chosen without a GPU. This script times the GEMV
-kernel (M = 1) and the dense dequant kernel alone over a grid of block sizes and warps, on
-Llama-3-8B layer shapes at 3 bits with 0.35 % kept weights, each result checked against the
-torch reference before it is timed (do_bench medians, L2 flushed between repetitions).
+The GEMV's tuner (`kernels.tuning`) times only the short list `gemv.gemv_configs` returns.
+This script times a wider grid (tile rows, packed words per tile, split-K, warps) at M = 1 and
+M = 16, and the dense dequant kernel alone, on Llama-3-8B layer shapes at 3 bits with 0.35 %
+kept weights, each result checked against the torch reference before it is timed (do_bench
+medians, L2 flushed between repetitions). It prints where the short list's best stands against
+the wider grid's best, so the list can be corrected, and writes the sweep as JSON.
 
-    TRITON_INTERPRET=0 python bench/tune_kernels.py
+    TRITON_INTERPRET=0 python bench/tune_kernels.py [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,20 +30,10 @@ from triton.testing import do_bench  # noqa: E402
 from tacq_lite.core.pack import CODES_PER_WORD  # noqa: E402
 from tacq_lite.kernels import dequant_weight  # noqa: E402
 from tacq_lite.kernels.dequant import _dequant_kernel  # noqa: E402
-from tacq_lite.kernels.gemv import _gemv_kernel  # noqa: E402
+from tacq_lite.kernels.gemv import gemv, gemv_configs, lanes  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 BITS, GROUPSIZE = 3, 128
-
-
-def gemv_call(x, packed, scale, zero, kept, rows, cols, cfg):
-    y = torch.empty(1, rows, dtype=x.dtype, device="cuda")  # [1, rows]
-    grid = (triton.cdiv(rows, cfg["BLOCK_N"]),)
-    _gemv_kernel[grid](x, packed, scale, zero, *kept, y, 1, rows, cols, GROUPSIZE,
-                       x.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), zero.stride(0),
-                       zero.stride(1), y.stride(0), BITS=BITS, PER_WORD=CODES_PER_WORD[BITS], HAS_KEPT=True,
-                       BLOCK_M=1, BLOCK_NNZ=32, **cfg)
-    return y
 
 
 def dequant_call(packed, scale, zero, rows, cols, cfg):
@@ -51,7 +46,7 @@ def dequant_call(packed, scale, zero, rows, cols, cfg):
 
 
 def print_sweep(title: str, keys: tuple[str, ...], unit: str, fmt: str, results: list, top: int, first: dict) -> None:
-    """Markdown table of the `top` best (already sorted) results, then the first guess's row."""
+    """Markdown table of the `top` best (already sorted) results, then the row of `first`."""
     print(title + "\n")
     print("| " + " | ".join(k.removeprefix("num_") for k in keys) + " | "
           + " | ".join(f"{r}x{c} {unit}" for r, c in SHAPES) + " |")
@@ -59,37 +54,56 @@ def print_sweep(title: str, keys: tuple[str, ...], unit: str, fmt: str, results:
     for _, cfg, vals in results[:top]:
         print("| " + " | ".join(str(cfg[k]) for k in keys) + " | " + " | ".join(format(v, fmt) for v in vals) + " |")
     vals = next(v for _, cfg, v in results if cfg == first)
-    print(f"first guess {tuple(first.values())}, before this sweep: " + " | ".join(format(v, fmt) for v in vals))
+    print(f"{tuple(first.values())}: " + " | ".join(format(v, fmt) for v in vals))
 
 
-def main() -> None:
-    layers = {s: make_layer(*s, bits=BITS, groupsize=GROUPSIZE, device="cuda", seed=s[0]) for s in SHAPES}
-    refs = {s: dequant_weight(*layers[s], cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch") for s in SHAPES}
-    dense_refs = {s: dequant_weight(*layers[s][:3], None, cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch")
-                  for s in SHAPES}  # [rows, cols] each, no kept weights
-    xs = {s: torch.randn(1, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}  # [1, cols] each
-
-    gemv_cfgs = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
-                 for n, k, w in itertools.product([1, 2, 4, 8, 16, 32], [128, 256, 512, 1024], [1, 2, 4, 8])
-                 if n * k <= 16384]
-    rows_out = []
-    for cfg in gemv_cfgs:
+def sweep_gemv(layers, refs, M: int) -> dict:
+    """Time the wide grid and the tuner's short list at batch M; returns the JSON record."""
+    xs = {s: torch.randn(M, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}  # [M, cols] each
+    grid = [dict(BLOCK_N=n, BLOCK_W=w, SPLIT_K=k, BLOCK_NNZ=16, num_warps=nw)
+            for n, w, k, nw in (itertools.product([4, 8, 16, 32], [8, 16, 32, 64], [1, 2, 4], [2, 4, 8]) if M == 1
+                                else itertools.product([16, 32], [16, 32], [1, 2, 4], [4, 8]))
+            if 1024 <= n * w * lanes(BITS) <= 16384 and nw * 32 <= n * w * lanes(BITS) // 8]
+    results = []
+    for cfg in grid:
         times = []
         for (rows, cols) in SHAPES:
             packed, scale, zero, kept = layers[(rows, cols)]
             x = xs[(rows, cols)]
-            y = gemv_call(x, packed, scale, zero, kept, rows, cols, cfg)  # [1, rows]
-            ref = x.double() @ refs[(rows, cols)].double().T  # [1, rows]
-            err = rel_err(y, ref)
+            kw = dict(bits=BITS, groupsize=GROUPSIZE, config=cfg)
+            err = rel_err(gemv(x, packed, scale, zero, kept, **kw), x.double() @ refs[(rows, cols)].double().T)
             if not err < 1e-3:
-                raise SystemExit(f"GEMV {cfg} {rows}x{cols}: relative error {err:.2e}")
-            times.append(do_bench(lambda: gemv_call(x, packed, scale, zero, kept, rows, cols, cfg),
+                raise SystemExit(f"GEMV {cfg} {rows}x{cols} M={M}: relative error {err:.2e}")
+            times.append(do_bench(lambda: gemv(x, packed, scale, zero, kept, **kw), warmup=5, rep=20,
                                   return_mode="median") * 1e3)
-        rows_out.append((sum(times), cfg, times))
-    rows_out.sort(key=lambda r: r[0])
-    print_sweep(f"## GEMV M=1, 3-bit g128, 0.35 % kept: the 12 fastest of {len(gemv_cfgs)} configurations",
-                ("BLOCK_N", "BLOCK_K", "num_warps"), "us", ".1f", rows_out, 12,
-                dict(BLOCK_N=16, BLOCK_K=256, num_warps=4))
+        results.append((sum(times), cfg, times))
+    results.sort(key=lambda r: r[0])
+    keys = ("BLOCK_N", "BLOCK_W", "SPLIT_K", "num_warps")
+    short = [r for r in results if any(all(r[1][k] == c[k] for k in keys)
+                                       for c in gemv_configs(SHAPES[0][0], SHAPES[0][1], BITS, GROUPSIZE, M))]
+    print_sweep(f"## GEMV M={M}, 3-bit g128, 0.35 % kept: the 12 fastest of {len(grid)} configurations",
+                keys, "us", ".1f", results, 12, (short or results)[0][1])
+    if short:
+        print(f"best of the tuner's short list (for {SHAPES[0]}): {short[0][1]}, "
+              + " | ".join(f"{t:.1f}" for t in short[0][2]) + " us")
+    return {"M": M, "shapes": SHAPES, "bits": BITS, "groupsize": GROUPSIZE, "device": torch.cuda.get_device_name(),
+            "results": [{"config": cfg, "us": times} for _, cfg, times in results]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "kernels" if os.environ.get("OUT")
+                    else Path(__file__).resolve().parent / "results" / "kernels")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    layers = {s: make_layer(*s, bits=BITS, groupsize=GROUPSIZE, device="cuda", seed=s[0]) for s in SHAPES}
+    refs = {s: dequant_weight(*layers[s], cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch") for s in SHAPES}
+    dense_refs = {s: dequant_weight(*layers[s][:3], None, cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch")
+                  for s in SHAPES}  # [rows, cols] each, no kept weights
+    for M in args.batch:
+        rec = sweep_gemv(layers, refs, M)
+        (args.out / f"tune_gemv_m{M}.json").write_text(json.dumps(rec, indent=1) + "\n")
 
     deq_cfgs = [dict(BLOCK_R=r, BLOCK_C=c, num_warps=w)
                 for r, c, w in itertools.product([4, 8, 16, 32, 64], [64, 128, 256, 512, 1024], [2, 4, 8])

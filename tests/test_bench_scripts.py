@@ -194,3 +194,42 @@ def test_notebook_timing_table_marks_edited_notebooks():
                                            "uncommitted_edits": True, "date": "2026-12-07 05:00 UTC"}}}
     row = bench.markdown_table(record).splitlines()[-1]
     assert row == "| `03_x` | 61 s, 90 s | 30 s, 90 s | 2.0 GiB | 2026-12-07 05:00 UTC, abc1234 + edits |"
+
+
+def test_kernel_bench_writes_one_record_per_measurement(tmp_path, monkeypatch):
+    """bench_kernels' GPU path, run under the interpreter on a small shape with a stand-in timer."""
+    import triton.testing
+
+    bench = load("bench_kernels")
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(fn()) or 0.02)
+    records = bench.bench_gpu(64, tmp_path, (1, 3), (3,), shapes=[(24, 640)], device="cpu")
+    assert [(r["M"], r["dtype"]) for r in records] == [(1, "float16"), (1, "bfloat16"), (3, "float16")]
+    rec = json.loads((tmp_path / "24x640_b3_g64_m1_float16.json").read_text())
+    assert rec["speedup"] == 1.0 and rec["rel_err_vs_float64"] < 1e-3 and rec["kept_frac"] == 0.0035
+    assert {"device", "torch", "triton", "us_kernel", "us_fp16_linear", "gb_per_s", "avg_bits"} <= set(rec)
+    assert (tmp_path / "dequant_24x640_b3_g64.json").exists() and calls
+
+
+def test_decode_bench_decodes_as_generate_does_and_records_both_models(tmp_path):
+    """bench_decode's static-cache loop gives model.generate's greedy tokens; its CPU smoke run writes a record."""
+    import torch
+
+    bench = load("bench_decode")
+    model = bench.random_model("tiny", torch.float32, None)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(25)  # std 0.5 instead of 0.02, so greedy tokens vary
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    out = bench.decode(model, prompt, 6, graph=False, warmup=2)
+    ref = model.generate(prompt, max_new_tokens=9, min_new_tokens=9, do_sample=False)[0, 8:].tolist()
+    assert out["tokens"] == ref and len(set(ref)) > 1 and out["tokens_per_s"] > 0
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--new-tokens", "3",
+                       "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "decode_tiny_3bit.json").read_text())
+    assert set(rec["eager"]) == {"float32_linear", "packed", "speedup"} and rec["cuda_graph"] == {}
+    assert len(rec["eager"]["packed"]["tokens"]) == 1 + 3 + 3  # prefill, warm-up steps, timed steps
+    assert rec["linear_bytes"]["packed"] < rec["linear_bytes"]["float32_linear"] / 5
+    if not torch.cuda.is_available():
+        assert bench.main(["--shape", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2

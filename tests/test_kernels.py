@@ -143,7 +143,7 @@ def test_gemv_16_bit_inputs(dtype):
         assert ((y.double() - ref).norm() / ref.norm()).item() < {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
 
 
-def test_tuning_times_each_configuration_once_per_key():
+def test_tuning_times_each_configuration_once_per_key(monkeypatch):
     tuning.forget()
     configs = [dict(name="a"), dict(name="b"), dict(name="c")]
     cost = {"a": 3.0, "b": 1.0, "c": 2.0}
@@ -162,7 +162,9 @@ def test_tuning_times_each_configuration_once_per_key():
     assert timed == ["a", "b", "c"]  # the second call is a lookup
     assert tuning.chosen()[key]["name"] == "b"
     assert tuning.pick(("cpu", 1), configs, run, device="cpu")["name"] == "a"  # untimed off a GPU
-    assert timed == ["a", "b", "c"] and ("cpu", 1) not in tuning.chosen()
+    monkeypatch.setenv("TACQ_LITE_KERNEL_TUNING", "0")
+    assert tuning.pick(("off", 1), configs, run, device="cuda")["name"] == "a"  # switched off: untimed
+    assert timed == ["a", "b", "c"] and ("cpu", 1) not in tuning.chosen() and ("off", 1) not in tuning.chosen()
     with pytest.raises(ValueError, match="no configurations"):
         tuning.pick(("empty",), [], run, device="cpu")
     tuning.forget()

@@ -17,13 +17,22 @@ import torch
 from test_kernels import dense_final, make_layer  # tests/ is on sys.path (rootdir conftest)
 
 from tacq_lite.core import pack as P
-from tacq_lite.kernels import dequant_matmul, dequant_weight
+from tacq_lite.kernels import dequant_matmul, dequant_weight, tuning
+from tacq_lite.kernels.gemv import gemv, gemv_configs
 
 RUN_HINT = "TRITON_INTERPRET=0 pytest tests/test_kernels_gpu.py"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
     reason=f"needs a CUDA device and TRITON_INTERPRET=0 (compiled kernels): {RUN_HINT}",
 )]
+
+
+@pytest.fixture(autouse=True)
+def untuned(request, monkeypatch):
+    """The many-shape tests run the first configuration untimed (tuning would compile every configuration
+    for every shape); tests marked `tuned` go through the tuner as a model does."""
+    if "tuned" not in request.keywords:
+        monkeypatch.setenv("TACQ_LITE_KERNEL_TUNING", "0")
 
 
 def layer(rows, cols, *, bits, groupsize, kept_frac, seed):
@@ -56,7 +65,7 @@ def test_dequant_kernel_on_gpu(bits, groupsize, kept_frac):
     cols = 650 if groupsize == -1 else 640  # per channel: not a multiple of the 64-column block either
     packed, scale, zero, kept, W_final = layer(rows, cols, bits=bits, groupsize=groupsize, kept_frac=kept_frac,
                                                  seed=bits * 7 + groupsize)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         kw = dict(bits=bits, cols=cols, groupsize=groupsize, dtype=dtype)
         with nan_filled_outputs():
             out = dequant_weight(packed, scale, zero, kept, backend="triton", **kw)  # [rows, cols]
@@ -88,8 +97,31 @@ def test_gemv_kernel_on_gpu(bits, groupsize, kept_frac, M, dtype):
     assert rel < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], rel
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("groupsize", [-1, 128])
+@pytest.mark.parametrize("M", [1, 16])
+def test_every_gemv_configuration_on_gpu(bits, groupsize, M):
+    """Each configuration the tuner may pick, compiled: split-K with atomics, tl.dot for M > 1 (fp16)."""
+    rows, cols = 300, 1100 if groupsize == -1 else 1152
+    packed, scale, zero, kept, W_final = layer(rows, cols, bits=bits, groupsize=groupsize, kept_frac=0.0035,
+                                                 seed=bits + M)
+    x = torch.randn(M, cols, device="cuda", dtype=torch.float16)  # [M, cols]
+    ref = x.double() @ W_final.T  # [M, rows]
+    configs = gemv_configs(rows, cols, bits, groupsize if groupsize > 0 else cols, M)
+    assert any(c["SPLIT_K"] > 1 for c in configs)
+    for cfg in configs:
+        with nan_filled_outputs():
+            y = gemv(x, packed, scale, zero, kept, bits=bits, groupsize=groupsize, config=cfg)  # [M, rows]
+        torch.cuda.synchronize()
+        assert not y.isnan().any(), cfg
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-3, (cfg, rel)
+
+
+@pytest.mark.tuned
 def test_gemv_on_llama_8b_shapes():
-    """The benchmark's shapes, once each at 3 bits with TaCQ's 0.35 % kept: right before timed."""
+    """The benchmark's shapes at 3 bits with TaCQ's 0.35 % kept, through the tuner, right before timed."""
+    tuning.forget()
     for rows, cols in [(4096, 4096), (14336, 4096), (4096, 14336)]:
         packed, scale, zero, kept, W_final = layer(rows, cols, bits=3, groupsize=128, kept_frac=0.0035, seed=rows)
         x = torch.randn(1, cols, device="cuda", dtype=torch.float16)  # [1, cols]
@@ -97,3 +129,4 @@ def test_gemv_on_llama_8b_shapes():
             y = dequant_matmul(x, packed, scale, zero, kept, bits=3, groupsize=128, backend="triton")  # [1, rows]
         ref = x.double() @ W_final.T  # [1, rows]
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+    assert len(tuning.chosen()) == 3  # one timed choice per shape

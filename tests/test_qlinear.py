@@ -114,6 +114,23 @@ def test_convert_model_keeps_the_outputs(packed_tiny):
     torch.testing.assert_close(packed(x).logits, fake(x).logits, rtol=2e-3, atol=2e-3)
 
 
+def test_dtype_casts_leave_the_stored_fp16_tensors_alone(packed_tiny):
+    """model.to(bfloat16) / .half() cast the rest of the model; the packed layers keep their fp16 grid and
+    kept weights bit for bit, and the cast model computes what its float32 twin does, to bf16 rounding."""
+    _, packed, _ = packed_tiny
+    x = torch.randint(0, 256, (1, 12))
+    before = {n: {k: b.clone() for k, b in q.named_buffers()} for n, q in quant_linears(packed).items()}
+    bf16 = copy.deepcopy(packed).to(torch.bfloat16)
+    half = copy.deepcopy(packed).half().float()  # cast away and back: nothing packed may round
+    for model in (bf16, half):
+        for n, q in quant_linears(model).items():
+            for k, b in q.named_buffers():
+                assert b.dtype == before[n][k].dtype and torch.equal(b, before[n][k]), (n, k)
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = packed(x).logits
+    torch.testing.assert_close(bf16(x).logits.float(), ref, rtol=0.05, atol=0.05)
+
+
 def test_the_quantizers_codes_are_packed_as_they_are(packed_tiny):
     """GPTQ's own codes go to disk; re-deriving them from the weights gives the same words off the mask."""
     from tacq_lite.core.pack import unpack

@@ -5,10 +5,13 @@ name and everything its speed depends on: rows, cols, bits, groupsize, M, dtype,
 CUDA device the first call for a key times every configuration with `triton.testing.do_bench`
 and remembers the winner for the life of the process; later calls are a dictionary lookup. On
 the CPU (the Triton interpreter) timing says nothing about a GPU, so the first configuration is
-used untimed. Tuning synchronizes the device, so warm a model up before capturing a CUDA graph.
+used untimed; so it is when TACQ_LITE_KERNEL_TUNING=0 (tests that cover many shapes set it, since
+each timed shape compiles every configuration). Tuning synchronizes the device, so warm a model
+up before capturing a CUDA graph.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -30,7 +33,7 @@ def pick(key: tuple, configs: list[dict], run: Callable[[dict], object], *, devi
     if key in _CHOSEN:
         return _CHOSEN[key]
     if timer is None:
-        if torch.device(device).type != "cuda":
+        if torch.device(device).type != "cuda" or os.environ.get("TACQ_LITE_KERNEL_TUNING") == "0":
             return configs[0]
         timer = _do_bench_ms
     times = [timer(lambda cfg=cfg: run(cfg)) for cfg in configs]

@@ -113,6 +113,20 @@ class QuantLinear(nn.Module):
             q.bias.copy_(linear.bias)
         return q
 
+    STORED_FP16 = ("scale", "zero", "kept_values")  # stored in fp16 whatever the model computes in
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to every buffer; dtype casts (`model.half()`, `.to(torch.bfloat16)`) reach
+        only the bias. The fp16 grid and kept weights go through `fn` viewed as int16, which casts skip:
+        a round trip through bfloat16 would round them, and the kernels take fp16 only."""
+        for name in self.STORED_FP16:
+            self._buffers[name] = self._buffers[name].view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in self.STORED_FP16:
+                self._buffers[name] = self._buffers[name].view(torch.float16)
+
     def check(self) -> None:
         """Raise if the buffers do not fit the declared shape (e.g. after loading)."""
         check_packed(self.qweight, self.scale, self.zero, bits=self.bits, cols=self.in_features,
