@@ -32,6 +32,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
                    help="the model's weights (GPTQ's Hessian and solve are float32 whatever this says)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="a model larger than one GPU, split over several: auto, balanced, balanced_low_0, "
+                        "sequential, or a JSON object {module: device} (or a .json file holding one), e.g. "
+                        '\'{"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.norm": 1, "lm_head": 0}\'; '
+                        "each layer computes on its own device (instead of --device's one layer at a time)")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="token cap per perplexity set")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration / perplexity window")
     p.add_argument("--mmlu-subjects", type=_names, default=d.mmlu_subjects,
@@ -118,7 +123,31 @@ def config_from_args(args: argparse.Namespace, base: QuantConfig | None = None) 
     values = {k: v for k, v in vars(args).items() if k in fields}
     if "evals" in values:
         values["evals"] = tuple(values["evals"] or ())
+    if values.get("device_map") is not None:
+        values["device_map"] = parse_device_map(values["device_map"])
     return (base or QuantConfig()).replace(**values)
+
+
+def parse_device_map(text: str) -> str | dict:
+    """--device-map's value: a JSON object (inline, or the path of a .json file holding one), else the
+    name as it is (a strategy such as auto, which QuantConfig checks)."""
+    import json
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if not text.lstrip().startswith("{") and not path.is_file():
+        if text.endswith(".json"):
+            raise ValueError(f"--device-map {text}: no such file.")
+        return text
+    where = "" if text.lstrip().startswith("{") else f" in {text}"
+    try:
+        found = json.loads(text if not where else path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--device-map: the JSON{where} does not parse ({err}); give an object such as "
+                         '{"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", ...}.') from None
+    if not isinstance(found, dict):
+        raise ValueError(f"--device-map: the JSON{where} is a {type(found).__name__}, not a {{module: device}} object.")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,9 @@ class QuantConfig:
     grad_dtype: str = "float32"  # TaCQ's backward passes (float32 as the authors); bfloat16 halves their memory
     accum_device: str | None = None  # where G = Σ|g| is summed: None = beside each weight, or "cpu" (host memory)
     checkpointing: bool = False  # recompute each decoder layer in backward instead of keeping its activations
+    # A model larger than one GPU: accelerate's device_map ("auto", "balanced", "sequential" or
+    # {module: "cuda:N"}), each layer computed where the map puts it; `device` (onloading) then stays "auto".
+    device_map: str | dict | None = None
     # GPTQ
     blocksize: int = 128  # columns per lazy-batch block (Frantar et al., Sec. 3)
     percdamp: float = 0.01  # damping = percdamp * mean(diag(H))
@@ -92,10 +95,16 @@ class QuantConfig:
         from .algo.gptq import check_keep_value
         from .algo.selectors import get_selector
         from .core.quant import check_bits
-        from .model.placement import check_device_name, resolve_dtype
+        from .model.placement import check_device_map, check_device_name, resolve_dtype
 
         check_device_name(self.device)
         resolve_dtype(self.dtype)
+        if self.device_map is not None:
+            object.__setattr__(self, "device_map", check_device_map(self.device_map))  # one form: a copy, ints named
+            if self.device != "auto":
+                raise ValueError(f"device={self.device!r} and device_map are exclusive: device onloads one decoder "
+                                 "layer at a time to one device, device_map keeps each layer on the device the map "
+                                 "gives it; give one of them (CLI: --device or --device-map).")
         if self.accum_device not in (None, "cpu"):
             raise ValueError(f"accum_device={self.accum_device!r}: None (beside each weight) or 'cpu'.")
         if self.grad_dtype not in ("float32", "bfloat16"):

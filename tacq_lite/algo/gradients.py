@@ -25,6 +25,9 @@ them (8 significant bits: fine for ranking, but a bf16 sum of many small terms d
 fp32 on the CPU), and `checkpointing=True` recomputes each decoder layer in backward instead of
 keeping its activations (transformers only checkpoints in training mode, so the model is put in
 train mode with every dropout disabled for the duration).
+
+A model split over GPUs by a device_map (model/placement.py) runs as it is: each hook adds into an
+accumulator on its own weight's device, so every GPU holds the accumulators of its own layers.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import walk
+from ..model import placement, walk
 
 LOSS_KINDS = ("auto", "all", "answer")
 
@@ -57,7 +60,8 @@ def as_pairs(samples, loss: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {LOSS_KINDS}.")
     if isinstance(samples, torch.Tensor):
         if samples.dim() != 2 or samples.dtype != torch.long:
-            raise ValueError(f"text samples must be a LongTensor [n, seq_len], got {samples.dtype} {tuple(samples.shape)}.")
+            raise ValueError(f"text samples must be a LongTensor [n, seq_len], got {samples.dtype} "
+                             f"{tuple(samples.shape)}.")
         if loss == "answer":
             raise ValueError("loss='answer' needs (input_ids, loss_mask) pairs; text windows have no answer span.")
         return [(ids, torch.ones_like(ids, dtype=torch.bool)) for ids in samples]
@@ -134,17 +138,18 @@ def backward_sample(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> 
         return loss.detach()
     inner, head = parts
     pos = mask[1:].nonzero().squeeze(1)  # [k] positions whose next token is scored
-    hidden = inner(input_ids=ids[None], use_cache=False).last_hidden_state[0, pos]  # [k, hidden]
+    last = inner(input_ids=ids[None], use_cache=False).last_hidden_state  # [1, T, hidden]
+    hidden = last[0, pos.to(last.device)]  # [k, hidden]; on the final norm's device (a device_map's last)
     if hidden.grad_fn is None:
         return None
     leaf = hidden.detach().requires_grad_()  # [k, hidden]; its .grad collects the chunks' gradients
     targets = ids[pos + 1]  # [k]
     total = torch.zeros((), device=hidden.device)
     for a in range(0, pos.numel(), HEAD_CHUNK):
-        logits = head(leaf[a : a + HEAD_CHUNK]).float()  # [<=HEAD_CHUNK, vocab]
-        part = F.cross_entropy(logits, targets[a : a + HEAD_CHUNK], reduction="sum") / pos.numel()
+        logits = head(leaf[a : a + HEAD_CHUNK]).float()  # [<=HEAD_CHUNK, vocab] on lm_head's device
+        part = F.cross_entropy(logits, targets[a : a + HEAD_CHUNK].to(logits.device), reduction="sum") / pos.numel()
         part.backward()
-        total += part.detach()
+        total += part.detach().to(total.device)
     hidden.backward(leaf.grad)
     return total
 
@@ -159,7 +164,8 @@ def _blocked_error(names: Sequence[str], n_targets: int) -> RuntimeError:
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or getattr(model, "gradient_checkpointing_enable", None))
     if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; use checkpointing=False.")
     enable()
@@ -185,7 +191,7 @@ def gradient_session(model: nn.Module, G: dict, G2: dict | None, *, checkpointin
     flags, training mode and no .grad.
     """
     targets = {name: lin.weight for name, lin in walk.named_linears(model).items()}
-    device = next(iter(targets.values())).device
+    device = placement.input_device(model)  # with a device_map the layers' own hooks move the activations on
     fired: set[str] = set()
 
     def make_hook(name: str):

@@ -98,7 +98,8 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, *,
     windows: LongTensor [n, seq_len]. Returns (hidden states, one [1, seq_len, hidden] each,
     the keyword arguments layer 0 received: position embeddings, mask, ...), shared by all
     windows since they have the same length. device: where the modules before layer 0
-    (embeddings, rotary tables) run, moved there for the duration (None: where layer 0 is).
+    (embeddings, rotary tables) run, moved there for the duration (None: where they are; the
+    hidden states then come on the embedding's device, and sequential_pass moves them on).
     """
     layer0 = decoder_layers(model)[0]
     inps: list[torch.Tensor] = []
@@ -111,8 +112,8 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, *,
         raise _Stop
 
     handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    before = placement.outside_layers(model, decoder_layers(model))
-    device = next(decoder_layers(model)[0].parameters()).device if device is None else torch.device(device)
+    before = placement.outside_layers(model, decoder_layers(model)) if device is not None else []
+    device = placement.input_device(model) if device is None else torch.device(device)
     try:
         with contextlib.ExitStack() as stack:
             for m in before:
@@ -245,20 +246,32 @@ def sequential_pass(
     activations for all windows, at most [n, seq_len, hidden] three times plus
     [n, seq_len, intermediate] once.
 
-    device: the compute device (None: where the layers are). Sequential onloading: each layer is
-    moved there, worked on and moved back (placement.onloaded), so the device holds one layer
-    and the activations, never the model. after_layer(i, layer), if given, runs once layer i's
+    device: the compute device. Sequential onloading: each layer is moved there, worked on and
+    moved back (placement.onloaded), so the device holds one layer and the activations, never the
+    model. None: each layer computes where its weights are, and its inputs follow it there (a
+    model loaded with a device_map, which must keep each decoder layer on one device; one spread
+    over devices cannot take a device). after_layer(i, layer), if given, runs once layer i's
     outputs for the next layer are computed, while it is still on the compute device.
     """
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
     device = None if device is None else torch.device(device)
+    if device is not None and placement.is_split(model):
+        raise ValueError(f"the model is spread over {', '.join(map(str, placement.model_devices(model)))} by a "
+                         "device_map; its layers compute where they are: pass device=None.")
     inps, kwargs = capture_layer0_inputs(model, windows, device=device)
     stageable: dict[tuple, bool] = {}  # checked once per layer class and forward function
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress)):
+        if device is None and len(placement.model_devices(layer)) > 1:
+            raise ValueError(f"decoder layer {i} has weights on {', '.join(map(str, placement.model_devices(layer)))}; "
+                             f"a device_map must keep each decoder layer on one device (map model.layers.{i} whole).")
         with placement.onloaded(layer, device):
-            inps = _layer_pass(i, layer, inps, kwargs, make_stats, finish, staged, stageable)
+            here = placement.module_device(layer)
+            for j, x in enumerate(inps):  # the previous layer's outputs, moved one at a time (no-op on one device)
+                inps[j] = x.to(here)
+            inps = _layer_pass(i, layer, inps, placement.to_device(kwargs, here), make_stats, finish, staged,
+                               stageable)
             if after_layer is not None:
                 after_layer(i, layer)
 

@@ -66,7 +66,6 @@ def quantize_model(
     samples: TaCQ's gradient samples, (input_ids [T], loss_mask [T]) pairs for task data
     (`calibration.task_calibration`); None = the windows, loss on every token.
     """
-    from ..model.placement import resolve_device
     from .passes import bits_report, gptq_quantize, rtn_quantize
     from .tacq import tacq_quantize
 
@@ -76,7 +75,8 @@ def quantize_model(
         return QuantizeResult(config, bits_report(model, config), {"quantize": time.perf_counter() - start},
                               grids=out.grids, codes=out.codes)
     if config.method == "gptq":
-        out = gptq_quantize(model, windows, config, device=resolve_device(config.device), progress=progress)
+        out = gptq_quantize(model, windows, config, progress=progress,
+                            device=placement.compute_device(model, config.device, config.device_map))
         return QuantizeResult(config, bits_report(model, config), {"gptq": time.perf_counter() - start},
                               layer_loss=out.loss, grids=out.grids, codes=out.codes)
     if config.method == "tacq":
@@ -87,22 +87,30 @@ def quantize_model(
     raise ValueError(f"quantize_model quantizes; method={config.method!r} is not one of rtn, gptq, tacq.")
 
 
-def compute_placement(config: QuantConfig) -> tuple[torch.device, torch.dtype]:
+def compute_placement(config: QuantConfig) -> tuple[torch.device | None, torch.dtype]:
     """(compute device, model dtype) for config, checked on this machine: a missing GPU, a GPU index
-    beyond the machine's or float16 on the CPU is a ValueError before anything is loaded."""
-    device, dtype = placement.resolve_device(config.device), placement.resolve_dtype(config.dtype)
+    beyond the machine's (also in a device_map) or float16 on the CPU is a ValueError before anything
+    is loaded. With config.device_map the compute device is None: each layer computes where the map
+    puts it, and nothing is onloaded or moved (model/placement.py)."""
+    dtype = placement.resolve_dtype(config.dtype)
+    if config.device_map is not None:
+        for device in placement.map_devices(placement.resolve_device_map(config.device_map)):
+            placement.check_dtype_on(dtype, device)
+        return None, dtype
+    device = placement.resolve_device(config.device)
     placement.check_dtype_on(dtype, device)
     return device, dtype
 
 
-def check_memory(config: QuantConfig, device: torch.device) -> None:
+def check_memory(config: QuantConfig, device: torch.device | None) -> None:
     """Before loading: a ValueError naming the stage and what to change when the byte budget
     (run/budget.py) says the run cannot fit this machine's free memory. A model whose config
-    cannot be read without loading it is not checked here."""
+    cannot be read without loading it is not checked here, nor a run with a device_map (device
+    None), whose per-device peaks the budget does not price."""
     from . import budget
     from .tacq import uses_gradient_worker
 
-    if config.method not in ("gptq", "tacq"):
+    if config.method not in ("gptq", "tacq") or device is None:
         return
     try:
         shape = budget.model_shape("smollm2-135m" if config.model == "embedded" else config.model)
@@ -117,8 +125,11 @@ def check_memory(config: QuantConfig, device: torch.device) -> None:
     budget.check_fits(bud, device_bytes=free)  # the GPU the run will use, not the current one
 
 
-def environment(device: torch.device) -> dict:
-    """What a record needs to be reproduced: library versions, git commit, device, threads, command."""
+def environment(device: torch.device | None, model: nn.Module | None = None) -> dict:
+    """What a record needs to be reproduced: library versions, git commit, device, threads, command.
+
+    device None (a device_map run): the devices holding `model`'s weights, the first as "device" and
+    each under "devices" (with its peak memory on a GPU)."""
     import platform
     import shlex
     import subprocess
@@ -141,7 +152,9 @@ def environment(device: torch.device) -> dict:
             commit = out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             commit = None
-    return {"versions": versions, "git_commit": commit, **placement.device_info(device),
+    devices = [device] if device is not None else placement.model_devices(model)
+    extra = {"devices": [placement.device_info(d) for d in devices]} if device is None else {}
+    return {"versions": versions, "git_commit": commit, **placement.device_info(devices[0]), **extra,
             "command": shlex.join(sys.argv)}
 
 
@@ -272,7 +285,7 @@ def run_quantize(config: QuantConfig, *, save: str | None = None, overwrite: boo
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(config.model, dtype=dtype)
+    model, tok = load_model(config.model, dtype=dtype, device_map=config.device_map)
     check_model(model, config)
     seconds["load"] = time.perf_counter() - t
     # Check every perplexity source before any long work starts.
@@ -355,8 +368,10 @@ def quantize_and_evaluate(model, tok, config, device, streams, references, secon
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
         "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(device),
+        "environment": environment(device, model),
     }
+    if config.device_map is not None:  # where the map put each module (transformers' hf_device_map)
+        record["hf_device_map"] = placement.device_map_record(model)
     if references:
         record["reference_bytes_on_disk"] = sum(r.nbytes for r in references.values())
     if saved is not None:
@@ -379,12 +394,18 @@ def save_packed(model, tok, result, folder: str, *, overwrite: bool = False,
     from ..model import walk
     from ..model.checkpoint import save_quantized
     from ..model.qlinear import convert_model
+    from .tacq import PerLinear
 
     cfg = result.config
     originals = walk.named_linears(model)  # swapped back after saving: no copy of the model is made
+
+    def beside(parts: dict):  # a linear's grid and codes where its weight is, one linear at a time (device_map)
+        return PerLinear([n for n in parts if n in originals],
+                         lambda n: placement.to_device(parts[n], originals[n].weight.device))
+
     try:
-        convert_model(model, result.grids, bits=cfg.bits, groupsize=cfg.groupsize, masks=result.masks,
-                      codes=result.codes or None)
+        convert_model(model, beside(result.grids), bits=cfg.bits, groupsize=cfg.groupsize, masks=result.masks,
+                      codes=beside(result.codes) if result.codes else None)
         info = {"config": cfg.to_dict(), "avg_bits": result.bits.avg_bits, "n_kept": result.bits.n_kept}
         return save_quantized(model, folder, tokenizer=tok, info=info, overwrite=overwrite,
                               max_shard_size=max_shard_size)
@@ -411,12 +432,15 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
     if load is not None:
         from ..model.checkpoint import load_quantized
 
+        if config.device_map is not None:
+            raise ValueError("--device-map places a float model (--model) over devices; a saved quantized model "
+                             "(--load) loads on the CPU: leave --device-map out, or use --device.")
         model, tok, meta = load_quantized(load)
         if tok is None:
             raise ValueError(f"{load} holds no tokenizer files; re-save it with a tokenizer.")
         source = meta.get("info", {}).get("config", {}).get("model", config.model)
     else:
-        model, tok = load_model(config.model, dtype=dtype)
+        model, tok = load_model(config.model, dtype=dtype, device_map=config.device_map)
         source = None
     check_model(model, config)
     chat = use_chat_template(tok, config.chat_template) if prompts else False  # fails before any long work
@@ -453,15 +477,18 @@ def run_eval(config: QuantConfig, *, load: str | None = None, prompts: tuple[str
         "seconds": seconds,
         "seconds_total": sum(seconds.values()),
         "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(device),
+        "environment": environment(device, model),
     }
+    if config.device_map is not None:
+        record["hf_device_map"] = placement.device_map_record(model)
     if meta is not None:
         record["saved"] = {"path": str(load), "bytes": meta["bytes"], "files": meta["files"]}
     return record
 
 
 def generate_replies(model, tok, prompts, max_new_tokens: int, seconds: dict, *, chat_template: bool) -> list[dict]:
-    """One greedy completion per prompt, each as {"prompt", "chat_template", "generation"}; adds to seconds["generate"]."""
+    """One greedy completion per prompt, each as {"prompt", "chat_template", "generation"}; adds to
+    seconds["generate"]."""
     from ..eval.continuation import greedy_generate
 
     generations = []
@@ -508,7 +535,10 @@ def format_table(records: list[dict]) -> str:
             + [f"{sum(kls) / len(kls):.4f}" if kls else "-", f"{r['seconds_total']:.1f}"]
         )
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+    def line(cells):
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
     notes = sorted({f"ppl {e}: [95 % bootstrap interval over windows], {m['n_windows']} windows × "
                     f"{m['n_tokens'] // m['n_windows']} predicted tokens = {m['n_tokens']} tokens"
                     for r in records for e, m in r["metrics"].items() if m.get("n_windows")})

@@ -25,7 +25,9 @@ Steps 1 and 2 do not depend on each other. On a multi-core Linux CPU the backwar
 a forked one-thread worker (parallel.GradientWorker) and step 1 runs on the other thread
 meanwhile; then this process takes the samples left. `QuantConfig.parallel=False` runs them one
 after the other. On a GPU (`config.device`) the layers are onloaded one at a time for step 1 and
-the masked pass, and the whole model goes to the GPU for step 2 (model/placement.py).
+the masked pass, and the whole model goes to the GPU for step 2 (model/placement.py). A model loaded
+with a device_map (`config.device_map`) moves nowhere: each step computes every layer on the device
+its weights are on, and G, Q(W) − W and the masks of a linear sit beside its weight.
 
 Steps 1-2 are the expensive ones and do not depend on the ratio or the selector, so their
 results are cached (run/score_cache.py): gradients (keyed by the model's weights and the
@@ -83,21 +85,21 @@ class ImportanceInputs(NamedTuple):
     meta: dict  # provenance: "cache" / "computed" per part, seconds, backward passes, cache files
 
 
-def uses_gradient_worker(config: QuantConfig, device: torch.device, model: nn.Module | None = None) -> bool:
+def uses_gradient_worker(config: QuantConfig, device: torch.device | None, model: nn.Module | None = None) -> bool:
     """Whether step 2's backward passes run in a forked CPU worker while step 1 runs on one thread.
 
     Decided by the config and the machine only, never by the selector or by what the cache holds:
     the same command always rounds the same way, and every selector shares one cached Q(W). The
     worker takes the model's weights as they are, so it runs only when they already have
     config.grad_dtype. model=None asks before loading (the byte budget, run/budget.py), reading the
-    weights' dtype from config.dtype."""
+    weights' dtype from config.dtype. device None (a model loaded with a device_map): never."""
     grad_dtype = placement.DTYPES[config.grad_dtype]
     if model is None:
         weights_match = placement.DTYPES[config.dtype] == grad_dtype
     else:
         weights_match = all(lin.weight.dtype == grad_dtype for lin in walk.named_linears(model).values())
-    return bool(config.parallel and device.type == "cpu" and not config.checkpointing and weights_match
-                and parallel.GradientWorker.usable(model))
+    return bool(config.parallel and device is not None and device.type == "cpu" and not config.checkpointing
+                and weights_match and parallel.GradientWorker.usable(model))
 
 
 def compute_importance(
@@ -113,12 +115,14 @@ def compute_importance(
 ) -> ImportanceInputs:
     """Steps 1-2: everything `selector` needs (Q(W), G, Σg², Hessian diagonals), cached where possible.
 
-    Everything returned lives on the compute device (config.device); the model stays where it is.
+    Everything returned lives on the compute device (config.device), or with a device_map beside
+    each linear's weight; the model stays where it is.
     """
     needs = selectors.get_selector(selector or config.selector).needs
     samples = windows if samples is None else samples
-    device = placement.resolve_device(config.device)
-    store = ScoreCache(model, config, enabled=cache, device=device)
+    device = placement.compute_device(model, config.device, config.device_map)  # None: where each weight is
+    store = ScoreCache(model, config, enabled=cache,
+                       device=placement.module_device(model) if device is None else device)
     meta = {"qw": "not needed", "gradients": "not needed", "seconds": {"qw": 0.0, "gradients": 0.0},
             "n_backward": 0, "seconds_per_sample": None, "files": {}}
     with_worker = uses_gradient_worker(config, device, model)
@@ -143,9 +147,10 @@ def compute_importance(
             if store.enabled:
                 meta["files"]["qw"] = store.save(key, qw)
         linears = walk.named_linears(model)
+        where = {n: lin.weight.device if device is None else device for n, lin in linears.items()}  # its compute device
 
         def on_device(d: dict | None) -> dict | None:  # moved one linear at a time, each host copy dropped at once
-            return None if d is None else {n: d.pop(n).to(device) for n in linears}
+            return None if d is None else {n: d.pop(n).to(where[n]) for n in linears}
 
         E = on_device(qw.get("E")) if "QW" in needs else None
     finally:
@@ -153,7 +158,7 @@ def compute_importance(
             job.cancel()
         if isinstance(qw.get("E"), SpilledTensors):  # Q(W) − W's files on disk, whatever happened
             qw["E"].close()
-    W = PerLinear(linears, lambda n: linears[n].weight.detach().to(device, torch.float32))  # [rows, cols]
+    W = PerLinear(linears, lambda n: linears[n].weight.detach().to(where[n], torch.float32))  # [rows, cols]
     QW = None if E is None else PerLinear(linears, lambda n: W[n] + E[n].float())
     if materialize:
         W = {n: w.clone() if w.data_ptr() == linears[n].weight.data_ptr() else w for n, w in W.items()}
@@ -308,14 +313,16 @@ def tacq_quantize(model: nn.Module, windows: torch.Tensor, config: QuantConfig, 
                                     materialize=False)
         t = time.perf_counter()
         masks = build_masks(inputs, selector=config.selector, ratio=config.ratio, seed=config.seed)
-        masks = {n: m.cpu() for n, m in masks.items()}  # beside the layers, which live on the host
+        linears = walk.named_linears(model)  # beside the layers: on the host, or where a device_map put them
+        masks = {n: m.to(linears[n].weight.device) for n, m in masks.items()}
         seconds["score"] = time.perf_counter() - t
         inputs_meta = inputs.meta
         del inputs  # G and Q(W) − W are not needed by the final pass
         parallel.trim_heap()
     seconds.update(inputs_meta["seconds"])
     t = time.perf_counter()
-    final = passes.gptq_quantize(model, windows, config, masks=masks, device=placement.resolve_device(config.device),
+    final = passes.gptq_quantize(model, windows, config, masks=masks,
+                                 device=placement.compute_device(model, config.device, config.device_map),
                                  progress=progress)
     seconds["gptq"] = time.perf_counter() - t
     n_kept = {n: int(masks[n].sum()) if n in masks else 0 for n in names}
