@@ -57,12 +57,13 @@ def print_sweep(title: str, keys: tuple[str, ...], unit: str, fmt: str, results:
     print(f"{tuple(first.values())}: " + " | ".join(format(v, fmt) for v in vals))
 
 
-def sweep_gemv(layers, refs, M: int) -> dict:
-    """Time the wide grid and the tuner's short list at batch M; returns the JSON record."""
+def sweep_gemv(layers, refs, M: int, path: Path) -> dict:
+    """Time the wide grid and the tuner's short list at batch M; the JSON record, rewritten to `path`
+    after each configuration (a session cut short keeps what it timed)."""
     xs = {s: torch.randn(M, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}  # [M, cols] each
     grid = [dict(BLOCK_N=n, BLOCK_W=w, SPLIT_K=k, BLOCK_NNZ=16, num_warps=nw)
-            for n, w, k, nw in (itertools.product([4, 8, 16, 32], [8, 16, 32, 64], [1, 2, 4], [2, 4, 8]) if M == 1
-                                else itertools.product([16, 32], [16, 32], [1, 2, 4], [4, 8]))
+            for n, w, k, nw in (itertools.product([4, 8, 16], [16, 32, 64], [1, 2, 4], [2, 4]) if M == 1
+                                else itertools.product([16, 32], [16, 32], [1, 2], [4, 8]))
             if 1024 <= n * w * lanes(BITS) <= 16384 and nw * 32 <= n * w * lanes(BITS) // 8]
     results = []
     for cfg in grid:
@@ -77,6 +78,7 @@ def sweep_gemv(layers, refs, M: int) -> dict:
             times.append(do_bench(lambda: gemv(x, packed, scale, zero, kept, **kw), warmup=5, rep=20,
                                   return_mode="median") * 1e3)
         results.append((sum(times), cfg, times))
+        path.write_text(json.dumps(record(M, results), indent=1) + "\n")
     results.sort(key=lambda r: r[0])
     keys = ("BLOCK_N", "BLOCK_W", "SPLIT_K", "num_warps")
     short = [r for r in results if any(all(r[1][k] == c[k] for k in keys)
@@ -86,8 +88,13 @@ def sweep_gemv(layers, refs, M: int) -> dict:
     if short:
         print(f"best of the tuner's short list (for {SHAPES[0]}): {short[0][1]}, "
               + " | ".join(f"{t:.1f}" for t in short[0][2]) + " us")
+    path.write_text(json.dumps(record(M, results), indent=1) + "\n")
+
+
+def record(M: int, results: list) -> dict:
     return {"M": M, "shapes": SHAPES, "bits": BITS, "groupsize": GROUPSIZE, "device": torch.cuda.get_device_name(),
-            "results": [{"config": cfg, "us": times} for _, cfg, times in results]}
+            "torch": torch.__version__, "triton": triton.__version__, "timing": "do_bench median, warmup 5, rep 20",
+            "results": [{"config": cfg, "us": times} for _, cfg, times in sorted(results, key=lambda r: r[0])]}
 
 
 def main() -> None:
@@ -102,8 +109,7 @@ def main() -> None:
     dense_refs = {s: dequant_weight(*layers[s][:3], None, cols=s[1], bits=BITS, groupsize=GROUPSIZE, backend="torch")
                   for s in SHAPES}  # [rows, cols] each, no kept weights
     for M in args.batch:
-        rec = sweep_gemv(layers, refs, M)
-        (args.out / f"tune_gemv_m{M}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        sweep_gemv(layers, refs, M, args.out / f"tune_gemv_m{M}.json")
 
     deq_cfgs = [dict(BLOCK_R=r, BLOCK_C=c, num_warps=w)
                 for r, c, w in itertools.product([4, 8, 16, 32, 64], [64, 128, 256, 512, 1024], [2, 4, 8])
