@@ -64,26 +64,40 @@ def lanes(bits: int) -> int:
     return 1 << (per - 1).bit_length()
 
 
+def segment_words(cols: int, bits: int, groupsize: int) -> int:
+    """Most packed words one loop segment touches: a group's codes plus the word it may share with
+    the next group (3-bit g128: 13 or 14 words), or SEGMENT_WORDS for one group per row."""
+    per = CODES_PER_WORD[bits]
+    if groupsize == cols:
+        return SEGMENT_WORDS
+    return -(-groupsize // per) + (1 if groupsize % per else 0)
+
+
+ENOUGH_PROGRAMS = 4 * 132  # split-K stops adding programs past four per SM of an H100 / H200 (132 SMs)
+
+
 def gemv_configs(rows: int, cols: int, bits: int, groupsize: int, M: int) -> list[dict]:
     """The configurations the tuner times for one GEMV shape; the first is used untimed (CPU).
 
     BLOCK_N output rows and BLOCK_W packed words per tile, SPLIT_K ranges of groups, warps.
-    The list is short on purpose (each entry costs one compile and one timing on first use):
-    tile sizes that keep the unpacked tile at 2-8 K elements, and split factors that take
-    the number of programs from the row blocks alone up to a few per streaming multiprocessor.
-    For M > 1, BLOCK_N >= 16 and BLOCK_W * LANES >= 16, as tl.dot needs on a GPU.
+    BLOCK_W covers one segment's words in one step (16 at 3-bit g128), so no lanes of the tile
+    are spent outside the group; the list is short on purpose (each entry costs a compile and a
+    timing on first use): tiles of 4-32 rows, and split factors that take the number of
+    programs from the row blocks alone up to ENOUGH_PROGRAMS. For M > 1, BLOCK_N >= 16 and
+    BLOCK_W * LANES >= 16, as tl.dot needs on a GPU. groupsize: resolved (cols for one group).
     """
     L = lanes(bits)
-    tiles = [(4, 32), (8, 32), (16, 16), (8, 64), (16, 32)] if M == 1 else [(16, 16), (32, 16), (16, 32)]
+    fit = 1 << (segment_words(cols, bits, groupsize) - 1).bit_length()  # next power of two
+    fit = min(64, max(fit, -(-16 // L)))  # BLOCK_W * LANES >= 16
+    block_ns = (16, 8, 4, 32) if M == 1 else (16, 32)
     out = []
-    for block_n, block_w in tiles:
-        block_w = max(block_w, -(-16 // L))  # BLOCK_W * LANES >= 16
+    for block_n in block_ns:
         row_programs = -(-rows // block_n)
         for split_k in (1, 2, 4, 8):
-            if split_k > 1 and row_programs * split_k > 4 * 132:  # enough programs without it
+            if split_k > 1 and row_programs * split_k > ENOUGH_PROGRAMS:  # enough programs without it
                 continue
-            warps = 4 if block_n * block_w * L >= 4096 else 2
-            out.append(dict(BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, BLOCK_NNZ=16, num_warps=warps))
+            warps = 4 if block_n * fit * L >= 4096 else 2
+            out.append(dict(BLOCK_N=block_n, BLOCK_W=fit, SPLIT_K=split_k, BLOCK_NNZ=16, num_warps=warps))
     return out
 
 
