@@ -189,7 +189,8 @@ def _check(x, packed, scale, zero, kept, *, bits, groupsize):
     rows, gs = check_packed(packed, scale, zero, bits=bits, cols=cols, groupsize=groupsize)
     if kept is not None:
         check_kept(kept, rows, cols)
-    for name, t in [("packed", packed), ("scale", scale), ("zero", zero)] + ([] if kept is None else [("kept", kept.values)]):
+    others = [("packed", packed), ("scale", scale), ("zero", zero)] + ([] if kept is None else [("kept", kept.values)])
+    for name, t in others:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}.")
     return rows, cols, gs
