@@ -151,9 +151,10 @@ def _gemv_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_M, BLOCK_W * LANES], 0 off the segment
             if USE_DOT:
-                if DOT_FP32:
-                    x = x.to(tl.float32)
-                xq = tl.dot(x, tl.trans(q.to(x.dtype)), acc=xq, input_precision="ieee")  # codes < 256: exact in 16 bits
+                if DOT_FP32:  # full fp32 products, no tf32 rounding of x
+                    xq = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), acc=xq, input_precision="ieee")
+                else:  # fp16 / bf16 tensor cores; codes < 256 are exact in both
+                    xq = tl.dot(x, tl.trans(q.to(x.dtype)), acc=xq)
             else:
                 xq += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
             xs += tl.sum(x.to(tl.float32), axis=1)
