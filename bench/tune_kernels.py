@@ -30,7 +30,7 @@ from triton.testing import do_bench  # noqa: E402
 from tacq_lite.core.pack import CODES_PER_WORD  # noqa: E402
 from tacq_lite.kernels import dequant_weight  # noqa: E402
 from tacq_lite.kernels.dequant import _dequant_kernel  # noqa: E402
-from tacq_lite.kernels.gemv import gemv, gemv_configs, lanes  # noqa: E402
+from tacq_lite.kernels.gemv import gemv, gemv_configs  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 BITS, GROUPSIZE = 3, 128
@@ -64,7 +64,7 @@ def sweep_gemv(layers, refs, M: int, path: Path) -> dict:
     grid = [dict(BLOCK_N=n, BLOCK_W=w, SPLIT_K=k, BLOCK_NNZ=16, num_warps=nw)
             for n, w, k, nw in (itertools.product([4, 8, 16], [16, 32, 64], [1, 2, 4], [2, 4]) if M == 1
                                 else itertools.product([16, 32], [16, 32], [1, 2], [4, 8]))
-            if 1024 <= n * w * lanes(BITS) <= 16384 and nw * 32 <= n * w * lanes(BITS) // 8]
+            if 1024 <= n * w * CODES_PER_WORD[BITS] <= 16384 and nw * 32 <= n * w * CODES_PER_WORD[BITS] // 8]
     results = []
     for cfg in grid:
         times = []

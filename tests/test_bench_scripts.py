@@ -233,3 +233,12 @@ def test_decode_bench_decodes_as_generate_does_and_records_both_models(tmp_path)
     assert rec["linear_bytes"]["packed"] < rec["linear_bytes"]["float32_linear"] / 5
     if not torch.cuda.is_available():
         assert bench.main(["--shape", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
+
+
+def test_checkpointing_bench_gives_the_same_G_three_ways(tmp_path):
+    bench = load("bench_checkpointing")
+    out = tmp_path / "ck.json"
+    assert bench.main(["--tiny", "--n", "2", "--seq-len", "24", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["mode"] for r in rec["rows"]] == ["plain", "selective", "full"] and rec["same_G"]
+    assert all(r["seconds"] > 0 and r["peak_above_start_mib"] >= 0 for r in rec["rows"])

@@ -122,11 +122,39 @@ def test_every_gemv_configuration_is_right(bits, groupsize, M):
 
 
 def test_gemv_configs_split_only_when_rows_cannot_fill_a_gpu():
+    from tacq_lite.kernels.gemv import ENOUGH_PROGRAMS, segment_words
+
     small = gemv_configs(256, 4096, 3, 128, 1)
-    big = gemv_configs(14336, 4096, 3, 128, 1)
-    assert max(c["SPLIT_K"] for c in small) == 8 and {c["SPLIT_K"] for c in big} == {1}
+    assert max(c["SPLIT_K"] for c in small) == 8
+    assert {c["SPLIT_K"] for c in gemv_configs(65536, 4096, 3, 128, 1)} == {1}  # rows alone fill it
+    for rows in (256, 4096, 14336):
+        for cfg in gemv_configs(rows, 4096, 3, 128, 1):
+            assert cfg["SPLIT_K"] == 1 or -(-rows // cfg["BLOCK_N"]) * cfg["SPLIT_K"] <= ENOUGH_PROGRAMS
+            assert cfg["BLOCK_W"] >= segment_words(4096, 3, 128) == 14  # a 3-bit group of 128 touches 14 words
     for cfg in gemv_configs(4096, 4096, 8, 128, 16):  # tl.dot needs dims >= 16 on a GPU
         assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_W"] * 4 >= 16
+
+
+@needs_triton
+def test_a_block_too_narrow_for_a_group_is_refused():
+    W, mask, codes, scale, zero, packed, kept = make_layer(bits=3, groupsize=64, kept_frac=0.0)
+    cfg = dict(gemv_configs(*W.shape, 3, 64, 1)[0], BLOCK_W=4)  # a group of 64 touches 8 words
+    with pytest.raises(ValueError, match="BLOCK_W=4"):
+        gemv(torch.randn(1, W.shape[1]), packed, scale, zero, bits=3, groupsize=64, config=cfg)
+
+
+def test_gemv_handles_a_zero_point_off_the_integers():
+    """A float zero point (quant.find_params(round_zero=False), as GGUF's Q4_1 stores it) on both paths."""
+    W = torch.randn(40, 640, generator=torch.Generator().manual_seed(3))
+    scale, zero = quant.find_params(W, bits=3, groupsize=64, round_zero=False)
+    assert (zero != zero.round()).any()
+    codes = quant.quantize(W, scale, zero, bits=3)
+    packed = P.pack(codes, bits=3)
+    ref = quant.dequantize(codes, scale, zero).double()
+    for M in (1, 4):
+        x = torch.randn(M, 640)
+        y = gemv(x, packed, scale, zero, bits=3, groupsize=64)
+        assert ((y.double() - x.double() @ ref.T).norm() / (x.double() @ ref.T).norm()).item() < 1e-5
 
 
 @needs_triton

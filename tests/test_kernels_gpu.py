@@ -97,7 +97,7 @@ def test_gemv_kernel_on_gpu(bits, groupsize, kept_frac, M, dtype):
     assert rel < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], rel
 
 
-@pytest.mark.parametrize("bits", [3, 8])  # 10 codes in 16 lanes, and 4 lanes (the narrowest tl.dot tile)
+@pytest.mark.parametrize("bits", [3, 8])  # 10 codes as tiles of 8 and 2 lanes, and 4 lanes (the narrowest dot)
 @pytest.mark.parametrize("groupsize", [-1, 128])
 @pytest.mark.parametrize("M", [1, 16])
 def test_every_gemv_configuration_on_gpu(bits, groupsize, M):

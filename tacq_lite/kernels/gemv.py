@@ -6,21 +6,27 @@ speed, and the packed codes are bits / 16 of the fp16 bytes. The kernel is built
 of those bytes is read once:
 
 - **One load per packed word.** A program loads a [BLOCK_N rows, BLOCK_W words] tile of int32
-  words and unpacks all codes of each word with shifts into a [BLOCK_N, BLOCK_W, LANES] tile
-  (LANES = per_word rounded up to a power of two; 3-bit words hold 10 codes, so 6 of 16 lanes
-  are masked off).
-- **One scale and zero per group and row.** The loop runs over quantization groups. Within a
-  group, y_r += s_rg * (Σ_k x_k q_rk − z_rg Σ_k x_k): the inner sum needs only the codes, and
-  the grid is applied once per group. A word that straddles two groups (3-bit: 128 is not a
-  multiple of 10) is read by both groups' iterations, the second time from cache. A per-channel
-  or per-tensor grid has one group per row; its loop runs over column segments of
-  `SEGMENT_WORDS` words with the same scale (group stride 0).
+  words and unpacks all codes of each word with shifts into [BLOCK_N, BLOCK_W, lanes] tiles.
+  Triton's blocks are powers of two, so a 3-bit word's 10 codes come out as two tiles, 8 lanes
+  and 2 (`lane_tiles`), and no lane computes on nothing.
+- **One scale and zero per group and row, one loop step per group.** The loop runs over
+  quantization groups; a step loads the group's words (BLOCK_W covers them all, so the loop is
+  flat and its loads can be pipelined) and each row's scale and zero once. A code becomes a
+  float without an int-to-float conversion (OR it into the mantissa of 2^23, reinterpret the
+  bits as a float, subtract 2^23). At M = 1 each code lane keeps its own running sum of
+  x_k · s (q − z), and the lanes are summed once after the loop, so no step reduces across
+  threads. A word that straddles two groups (3-bit: 128 is not a multiple of 10) is read by
+  both groups' steps, the second time from cache. A per-channel or per-tensor grid has one group
+  per row; its loop runs over column segments of `SEGMENT_WORDS` words with the same scale
+  (group stride 0).
 - **Split-K.** When the row blocks alone give too few programs to fill the GPU, a second grid
   axis splits the groups into SPLIT_K contiguous ranges; each program adds its partial sums into
   an fp32 output with `tl.atomic_add` (the summation order then varies from run to run, within
   fp32 rounding).
-- **fp32 accumulation** from fp16 / bf16 / fp32 inputs. For M > 1 the code tile goes through
-  `tl.dot` (tensor cores on a GPU; the batch is padded to 16 rows).
+- **fp32 accumulation** from fp16 / bf16 / fp32 inputs. For M > 1 the group's [rows, codes]
+  tile of codes (integers below 256, exact in fp16 and bf16) goes through `tl.dot` with x
+  (tensor cores on a GPU; the batch is padded to 16 rows), Σ x through a second dot with ones,
+  and the group adds s (Σ x q − z Σ x): no reduction across threads, and any zero point.
 - **Kept weights as a CSR correction, row segment by row segment.** The dense part runs over
   every position, codes under kept weights included; then for each kept (r, j) the kernel adds
   x[j] * (value − W_hat[r, j]), with W_hat[r, j] decoded again from the same codes. The sum
@@ -58,10 +64,13 @@ DOT_M = 16  # M > 1 pads the batch to 16 rows for tl.dot (each dot dim >= 16 on 
 SEGMENT_WORDS = 32  # column segment (in packed words) for a grid with one group per row
 
 
-def lanes(bits: int) -> int:
-    """Codes per word rounded up to a power of two: the last dim of the unpacked tile."""
+def lane_tiles(bits: int) -> tuple[int, int]:
+    """(LANES_A, LANES_B): a word's codes split into power-of-two tiles (Triton's blocks are powers
+    of two): 3-bit words hold 10 codes, unpacked as 8 + 2 so that no lane is spent on nothing;
+    the other widths fill one tile (LANES_B = 0)."""
     per = CODES_PER_WORD[bits]
-    return 1 << (per - 1).bit_length()
+    first = 1 << (per.bit_length() - 1)  # the largest power of two <= per
+    return first, per - first
 
 
 def segment_words(cols: int, bits: int, groupsize: int) -> int:
@@ -73,22 +82,22 @@ def segment_words(cols: int, bits: int, groupsize: int) -> int:
     return -(-groupsize // per) + (1 if groupsize % per else 0)
 
 
-ENOUGH_PROGRAMS = 4 * 132  # split-K stops adding programs past four per SM of an H100 / H200 (132 SMs)
+ENOUGH_PROGRAMS = 16 * 132  # split-K stops adding programs past 16 per SM of an H100 / H200 (132 SMs)
 
 
 def gemv_configs(rows: int, cols: int, bits: int, groupsize: int, M: int) -> list[dict]:
     """The configurations the tuner times for one GEMV shape; the first is used untimed (CPU).
 
     BLOCK_N output rows and BLOCK_W packed words per tile, SPLIT_K ranges of groups, warps.
-    BLOCK_W covers one segment's words in one step (16 at 3-bit g128), so no lanes of the tile
-    are spent outside the group; the list is short on purpose (each entry costs a compile and a
+    BLOCK_W covers one segment's words in one step (16 at 3-bit g128), as the kernel requires; the
+    list is short on purpose (each entry costs a compile and a
     timing on first use): tiles of 4-32 rows, and split factors that take the number of
     programs from the row blocks alone up to ENOUGH_PROGRAMS. For M > 1, BLOCK_N >= 16 and
-    BLOCK_W * LANES >= 16, as tl.dot needs on a GPU. groupsize: resolved (cols for one group).
+    BLOCK_W times each lane tile >= 16, as tl.dot needs on a GPU. groupsize: resolved (cols for one group).
     """
-    L = lanes(bits)
+    L = CODES_PER_WORD[bits]
     fit = 1 << (segment_words(cols, bits, groupsize) - 1).bit_length()  # next power of two
-    fit = min(64, max(fit, -(-16 // L)))  # BLOCK_W * LANES >= 16
+    fit = min(64, max(fit, -(-16 // min(t for t in lane_tiles(bits) if t))))  # each dot's K >= 16
     block_ns = (16, 8, 4, 32) if M == 1 else (16, 32)
     out = []
     for block_n in block_ns:
@@ -115,11 +124,38 @@ def _decode(packed_ptr, scale_ptr, zero_ptr, r, j, ok, seg,
 
 
 @jit
+def _dot(x, q, DOT_FP32: tl.constexpr):
+    """x [BLOCK_M, K] @ q [BLOCK_N, K]ᵀ in fp32: an exact fp32 dot, or x's 16-bit type on tensor cores."""
+    if DOT_FP32:  # full fp32 products, no tf32 rounding of x
+        return tl.dot(x.to(tl.float32), tl.trans(q), input_precision="ieee")
+    return tl.dot(x, tl.trans(q.to(x.dtype)))
+
+
+@jit
+def _unpack(words, offs_w, x_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi,
+            BITS: tl.constexpr, PER_WORD: tl.constexpr, LANE0: tl.constexpr, NL: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Codes LANE0 .. LANE0 + NL - 1 of each word as exact floats [BLOCK_N, BLOCK_W * NL], and x at
+    their columns [BLOCK_M, BLOCK_W * NL] (0 outside k_lo <= k < k_hi)."""
+    lane = LANE0 + tl.arange(0, NL)  # [NL] code slots within a word
+    # OR-ing a code into the mantissa of 2^23 and reinterpreting the bits gives 2^23 + q exactly,
+    # without an int-to-float conversion; subtracting 2^23 leaves q.
+    q = ((words[:, :, None] >> (lane * BITS)[None, None, :]) & ((1 << BITS) - 1)) | 0x4B000000
+    q = tl.reshape(q, [BLOCK_N, BLOCK_W * NL]).to(tl.float32, bitcast=True) - 8388608.0
+    k = offs_w[:, None] * PER_WORD + lane[None, :]  # [BLOCK_W, NL] column of each code
+    k_ok = tl.reshape((k >= k_lo) & (k < k_hi), [BLOCK_W * NL])
+    k = tl.reshape(k, [BLOCK_W * NL])
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+    return q, x
+
+
+@jit
 def _gemv_kernel(
     x_ptr, packed_ptr, scale_ptr, zero_ptr, row_ptr_ptr, col_idx_ptr, values_ptr, y_ptr,
     M, rows, cols, seg, segs_per_split,
     stride_xm, stride_pr, stride_sr, stride_sg, stride_zr, stride_zg, stride_ym,
-    BITS: tl.constexpr, PER_WORD: tl.constexpr, LANES: tl.constexpr, HAS_KEPT: tl.constexpr,
+    BITS: tl.constexpr, PER_WORD: tl.constexpr, LANES_A: tl.constexpr, LANES_B: tl.constexpr,
+    HAS_KEPT: tl.constexpr,
     ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
@@ -127,38 +163,44 @@ def _gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] batch rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output rows of W
     m_ok, n_ok = offs_m < M, offs_n < rows
-    lane = tl.arange(0, LANES)  # [LANES] code slot within a word
-    shift = tl.where(lane < PER_WORD, lane * BITS, 0)  # [LANES]; unused lanes shift by 0, masked below
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_seg = tl.cdiv(cols, seg)
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:  # M = 1: per-code partial products, summed over the codes once after the loop
+        acc_a = tl.zeros([BLOCK_N, BLOCK_W * LANES_A], dtype=tl.float32)
+        if LANES_B > 0:
+            acc_b = tl.zeros([BLOCK_N, BLOCK_W * LANES_B], dtype=tl.float32)
+    # One iteration per segment (a group, or SEGMENT_WORDS words of a per-channel row): its words fit
+    # in BLOCK_W (the wrapper checks), so the loop is flat and the compiler can pipeline its loads.
     for s in range(pid_k * segs_per_split, tl.minimum(n_seg, pid_k * segs_per_split + segs_per_split)):
         k_lo = s * seg
         k_hi = tl.minimum(k_lo + seg, cols)
         sc = tl.load(scale_ptr + offs_n * stride_sr + s * stride_sg, mask=n_ok, other=0).to(tl.float32)  # [BLOCK_N]
         zc = tl.load(zero_ptr + offs_n * stride_zr + s * stride_zg, mask=n_ok, other=0).to(tl.float32)  # [BLOCK_N]
-        xq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # Σ_k x_k q_rk over the segment
-        xs = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_k x_k over the segment
-        for w0 in range(k_lo // PER_WORD, (k_hi - 1) // PER_WORD + 1, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)  # [BLOCK_W] packed words
-            w_ok = offs_w <= (k_hi - 1) // PER_WORD
-            words = tl.load(packed_ptr + offs_n[:, None] * stride_pr + offs_w[None, :],
-                            mask=n_ok[:, None] & w_ok[None, :], other=0)  # [BLOCK_N, BLOCK_W]
-            q = (words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_W, LANES]
-            q = tl.reshape(q, [BLOCK_N, BLOCK_W * LANES])
-            k = offs_w[:, None] * PER_WORD + lane[None, :]  # [BLOCK_W, LANES] column of each code
-            k_ok = (lane[None, :] < PER_WORD) & (k >= k_lo) & (k < k_hi)
-            k, k_ok = tl.reshape(k, [BLOCK_W * LANES]), tl.reshape(k_ok, [BLOCK_W * LANES])
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_M, BLOCK_W * LANES], 0 off the segment
-            if USE_DOT:
-                if DOT_FP32:  # full fp32 products, no tf32 rounding of x
-                    xq = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), acc=xq, input_precision="ieee")
-                else:  # fp16 / bf16 tensor cores; codes < 256 are exact in both
-                    xq = tl.dot(x, tl.trans(q.to(x.dtype)), acc=xq)
-            else:
-                xq += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
-            xs += tl.sum(x.to(tl.float32), axis=1)
-        acc += sc[None, :] * (xq - zc[None, :] * xs[:, None])
+        offs_w = k_lo // PER_WORD + tl.arange(0, BLOCK_W)  # [BLOCK_W] packed words
+        w_ok = offs_w <= (k_hi - 1) // PER_WORD
+        words = tl.load(packed_ptr + offs_n[:, None] * stride_pr + offs_w[None, :],
+                        mask=n_ok[:, None] & w_ok[None, :], other=0)  # [BLOCK_N, BLOCK_W]
+        qa, xa = _unpack(words, offs_w, x_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi,
+                         BITS, PER_WORD, 0, LANES_A, BLOCK_N, BLOCK_W)
+        if LANES_B > 0:
+            qb, xb = _unpack(words, offs_w, x_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi,
+                             BITS, PER_WORD, LANES_A, LANES_B, BLOCK_N, BLOCK_W)
+        if USE_DOT:  # s * (Σ x q − z Σ x); codes < 256 are exact in fp16 and bf16, and Σ x is a dot with ones
+            xq = _dot(xa, qa, DOT_FP32)  # [BLOCK_M, BLOCK_N]
+            xs = _dot(xa, tl.full([BLOCK_N, BLOCK_W * LANES_A], 1.0, tl.float32), DOT_FP32)  # every column Σ x
+            if LANES_B > 0:
+                xq += _dot(xb, qb, DOT_FP32)
+                xs += _dot(xb, tl.full([BLOCK_N, BLOCK_W * LANES_B], 1.0, tl.float32), DOT_FP32)
+            acc += sc[None, :] * (xq - zc[None, :] * xs)
+        else:  # x_k * s (q − z) per code lane, no reduction in the loop (the fma takes −s z per row)
+            acc_a += xa.to(tl.float32) * (qa * sc[:, None] - (sc * zc)[:, None])
+            if LANES_B > 0:
+                acc_b += xb.to(tl.float32) * (qb * sc[:, None] - (sc * zc)[:, None])
+    if not USE_DOT:
+        acc = tl.sum(acc_a, axis=1)[None, :]  # [1, BLOCK_N]
+        if LANES_B > 0:
+            acc += tl.sum(acc_b, axis=1)[None, :]
     if HAS_KEPT:
         if pid_k == 0:  # the first split adds the kept-weight correction for its rows
             lo = tl.load(row_ptr_ptr + offs_n, mask=n_ok, other=0)  # [BLOCK_N] first entry of each row
@@ -176,7 +218,7 @@ def _gemv_kernel(
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_ok)  # fp32 output, summed over the splits
+        tl.atomic_add(y_ptrs, acc, mask=y_ok, sem="relaxed")  # fp32 output, summed over the splits
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
@@ -205,6 +247,9 @@ def _launch(x, packed, scale, zero, kept, *, bits, rows, cols, gs, cfg) -> torch
         seg, stride_sg, stride_zg = per * SEGMENT_WORDS, 0, 0
     else:
         seg, stride_sg, stride_zg = gs, scale.stride(1), zero.stride(1)
+    if cfg["BLOCK_W"] < segment_words(cols, bits, gs):
+        raise ValueError(f"BLOCK_W={cfg['BLOCK_W']} packed words cannot hold a segment of "
+                         f"{segment_words(cols, bits, gs)}; take a configuration from gemv_configs.")
     n_seg = -(-cols // seg)
     segs_per_split = -(-n_seg // min(cfg["SPLIT_K"], n_seg))
     split_k = -(-n_seg // segs_per_split)  # no empty splits
@@ -220,7 +265,8 @@ def _launch(x, packed, scale, zero, kept, *, bits, rows, cols, gs, cfg) -> torch
         x, packed, scale, zero, row_ptr, col_idx, values, y,
         M, rows, cols, seg, segs_per_split,
         x.stride(0), packed.stride(0), scale.stride(0), stride_sg, zero.stride(0), stride_zg, y.stride(0),
-        BITS=bits, PER_WORD=per, LANES=lanes(bits), HAS_KEPT=kept is not None,
+        BITS=bits, PER_WORD=per, LANES_A=lane_tiles(bits)[0], LANES_B=lane_tiles(bits)[1],
+        HAS_KEPT=kept is not None,
         ATOMIC=atomic, USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_M=DOT_M if use_dot else 1, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], BLOCK_NNZ=cfg["BLOCK_NNZ"],
         num_warps=cfg["num_warps"],
@@ -256,7 +302,8 @@ def gemv(
 
     if config is None:
         key = ("gemv", rows, cols, bits, gs, M, x.dtype, kept is not None, str(x.device))
-        config = tuning.pick(key, gemv_configs(rows, cols, bits, gs, M), run, device=x.device)
+        config = tuning.chosen_for(key) or tuning.pick(key, gemv_configs(rows, cols, bits, gs, M), run,
+                                                        device=x.device)
     return run(config)
 
 

@@ -41,6 +41,11 @@ def pick(key: tuple, configs: list[dict], run: Callable[[dict], object], *, devi
     return _CHOSEN[key]
 
 
+def chosen_for(key: tuple) -> dict | None:
+    """The configuration already chosen for `key`, or None (a lookup: nothing is built or timed)."""
+    return _CHOSEN.get(key)
+
+
 def chosen() -> dict[tuple, dict]:
     """A copy of every choice made so far (for benchmark records)."""
     return dict(_CHOSEN)
