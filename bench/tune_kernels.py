@@ -1,13 +1,13 @@
 """Sweep the Triton kernels' block sizes on a GPU and print the fastest configurations.
 
 The GEMV's tuner (`kernels.tuning`) times only the short list `gemv.gemv_configs` returns.
-This script times a wider grid (tile rows, packed words per tile, split-K, warps) at M = 1 and
-M = 16, and the dense dequant kernel alone, on Llama-3-8B layer shapes at 3 bits with 0.35 %
+This script times a wider grid (tile rows, split-K, warps; the words per tile are one group's) at
+M = 1 and M = 16, and with --dequant the dense dequant kernel alone, on Llama-3-8B layer shapes at 3 bits with 0.35 %
 kept weights, each result checked against the torch reference before it is timed (do_bench
 medians, L2 flushed between repetitions). It prints where the short list's best stands against
 the wider grid's best, so the list can be corrected, and writes the sweep as JSON.
 
-    TRITON_INTERPRET=0 python bench/tune_kernels.py [--out DIR]
+    TRITON_INTERPRET=0 python bench/tune_kernels.py [--batch 1 16] [--dequant] [--out DIR]
 """
 from __future__ import annotations
 
@@ -61,10 +61,11 @@ def sweep_gemv(layers, refs, M: int, path: Path) -> dict:
     """Time the wide grid and the tuner's short list at batch M; the JSON record, rewritten to `path`
     after each configuration (a session cut short keeps what it timed)."""
     xs = {s: torch.randn(M, s[1], device="cuda", dtype=torch.float16) for s in SHAPES}  # [M, cols] each
-    grid = [dict(BLOCK_N=n, BLOCK_W=w, SPLIT_K=k, BLOCK_NNZ=16, num_warps=nw)
-            for n, w, k, nw in (itertools.product([4, 8, 16], [16, 32, 64], [1, 2, 4], [2, 4]) if M == 1
-                                else itertools.product([16, 32], [16, 32], [1, 2], [4, 8]))
-            if 1024 <= n * w * CODES_PER_WORD[BITS] <= 16384 and nw * 32 <= n * w * CODES_PER_WORD[BITS] // 8]
+    fit = gemv_configs(*SHAPES[0], BITS, GROUPSIZE, M)[0]["BLOCK_W"]  # the words of one group: the kernel's step
+    grid = [dict(BLOCK_N=n, BLOCK_W=fit, SPLIT_K=k, BLOCK_NNZ=16, num_warps=nw)
+            for n, k, nw in (itertools.product([2, 4, 8, 16, 32], [1, 2, 4, 8], [1, 2, 4, 8]) if M == 1
+                             else itertools.product([16, 32, 64], [1, 2, 4], [4, 8]))
+            if nw * 32 <= n * fit * CODES_PER_WORD[BITS]]
     results = []
     for cfg in grid:
         times = []
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "kernels" if os.environ.get("OUT")
                     else Path(__file__).resolve().parent / "results" / "kernels")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--dequant", action="store_true", help="also sweep the dense dequant kernel's tiles")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     layers = {s: make_layer(*s, bits=BITS, groupsize=GROUPSIZE, device="cuda", seed=s[0]) for s in SHAPES}
@@ -110,6 +112,8 @@ def main() -> None:
                   for s in SHAPES}  # [rows, cols] each, no kept weights
     for M in args.batch:
         sweep_gemv(layers, refs, M, args.out / f"tune_gemv_m{M}.json")
+    if not args.dequant:
+        return
 
     deq_cfgs = [dict(BLOCK_R=r, BLOCK_C=c, num_warps=w)
                 for r, c, w in itertools.product([4, 8, 16, 32, 64], [64, 128, 256, 512, 1024], [2, 4, 8])

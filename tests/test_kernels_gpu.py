@@ -78,9 +78,9 @@ def test_dequant_kernel_on_gpu(bits, groupsize, kept_frac):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("groupsize", [-1, 128])
-@pytest.mark.parametrize("kept_frac", [0.0, 0.0035, 0.05])
-@pytest.mark.parametrize("M", [1, 2, 5, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kept_frac", [0.0, 0.05])
+@pytest.mark.parametrize("M, dtype", [(1, torch.float32), (1, torch.float16), (1, torch.bfloat16), (2, torch.float16),
+                                      (5, torch.bfloat16), (16, torch.float16), (16, torch.float32)])
 def test_gemv_kernel_on_gpu(bits, groupsize, kept_frac, M, dtype):
     rows = 1002  # not a multiple of the 4- or 16-row blocks
     cols = 1100 if groupsize == -1 else 1152  # neither a multiple of 256 columns
