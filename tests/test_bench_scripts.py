@@ -242,3 +242,21 @@ def test_checkpointing_bench_gives_the_same_G_three_ways(tmp_path):
     rec = json.loads(out.read_text())
     assert [r["mode"] for r in rec["rows"]] == ["plain", "selective", "full"] and rec["same_G"]
     assert all(r["seconds"] > 0 and r["peak_above_start_mib"] >= 0 for r in rec["rows"])
+
+
+def test_the_gemv_compiles_for_hopper_without_shuffles_in_its_loop(tmp_path):
+    """bench/compile_sm90.py in its own process (the test session runs Triton's interpreter): every case
+    compiles for sm_90a, no loop step reduces across threads, and the default configuration does not spill."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sm90.json"
+    done = subprocess.run([sys.executable, str(BENCH / "compile_sm90.py"), "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]  # (the module is not imported here: it unsets TRITON_INTERPRET)
+    assert len(cases) >= 10 and {c["M"] for c in cases} >= {1, 16} and {c["bits"] for c in cases} >= {2, 3, 4, 8}
+    assert all(c["loop"]["shuffles"] == 0 and c["loop"]["instructions"] > 0 for c in cases)
+    default = next(c for c in cases if (c["bits"], c["M"], c["BLOCK_N"], c["SPLIT_K"], c["kept"]) == (3, 1, 16, 1, True))
+    assert default["spill_bytes"] == 0
