@@ -89,11 +89,11 @@ def gemv_configs(rows: int, cols: int, bits: int, groupsize: int, M: int) -> lis
     """The configurations the tuner times for one GEMV shape; the first is used untimed (CPU).
 
     BLOCK_N output rows and BLOCK_W packed words per tile, SPLIT_K ranges of groups, warps.
-    BLOCK_W covers one segment's words in one step (16 at 3-bit g128), as the kernel requires; the
-    list is short on purpose (each entry costs a compile and a
-    timing on first use): tiles of 4-32 rows, and split factors that take the number of
-    programs from the row blocks alone up to ENOUGH_PROGRAMS. For M > 1, BLOCK_N >= 16 and
-    BLOCK_W times each lane tile >= 16, as tl.dot needs on a GPU. groupsize: resolved (cols for one group).
+    BLOCK_W covers one segment's words in one step (16 at 3-bit g128), as the kernel requires.
+    The list is short on purpose, since each entry costs a compile and a timing on first use:
+    tiles of 4-32 rows, and split factors that take the number of programs from the row blocks
+    alone up to ENOUGH_PROGRAMS. For M > 1, BLOCK_N >= 16 and BLOCK_W times each lane tile
+    >= 16, as tl.dot needs on a GPU. groupsize: resolved (cols for one group).
     """
     L = CODES_PER_WORD[bits]
     fit = 1 << (segment_words(cols, bits, groupsize) - 1).bit_length()  # next power of two
