@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import os
 import sys
@@ -35,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_gpu import random_model  # noqa: E402
+from bench_gpu import checked_placement, random_model  # noqa: E402
 
 from tacq_lite.config import QuantConfig  # noqa: E402
+from tacq_lite.eval.continuation import cache_keyword  # noqa: E402
 from tacq_lite.kernels import tuning  # noqa: E402
 from tacq_lite.model import placement, walk  # noqa: E402
 from tacq_lite.model.qlinear import convert_model, quant_linears  # noqa: E402
@@ -61,11 +61,6 @@ def packed_copy(model, *, bits: int, groupsize: int, kept_frac: float, seed: int
         W[masks[name]] = originals[name].weight.float()[masks[name]]  # kept weights hold their fp16 values
     convert_model(q, rtn.grids, bits=bits, groupsize=groupsize, masks=masks, codes=rtn.codes)
     return q.to(next(model.parameters()).dtype)
-
-
-def cache_keyword(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def sync(device: torch.device) -> None:
@@ -140,13 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "kernels" if os.environ.get("OUT")
                     else ROOT / "bench" / "results" / "kernels")
     args = ap.parse_args(argv)
-    try:
-        device = placement.resolve_device(args.device)
-        dtype = placement.resolve_dtype(args.dtype)
-        placement.check_dtype_on(dtype, device)
-    except ValueError as err:
-        print(f"bench_decode: {err}", file=sys.stderr)
+    if (placed := checked_placement(args.device, args.dtype, "bench_decode")) is None:
         return 2
+    device, dtype = placed
     name = args.model or args.shape
     groupsize = args.groupsize or (64 if args.model == "embedded" else 128 if args.shape != "tiny" else 32)
     if args.model == "embedded":

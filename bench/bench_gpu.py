@@ -63,6 +63,17 @@ def random_model(shape: str, dtype: torch.dtype, layers: int | None):
     return model.eval()
 
 
+def checked_placement(device: str, dtype: str, prog: str) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) checked on this machine, or None after one line on stderr (the caller exits 2)."""
+    try:
+        resolved = placement.resolve_device(device), placement.resolve_dtype(dtype)
+        placement.check_dtype_on(resolved[1], resolved[0])
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
+    return resolved
+
+
 def peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -98,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.0035)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results" / "gpu"))
     args = ap.parse_args(argv)
-    try:
-        device = placement.resolve_device(args.device)
-        dtype = placement.resolve_dtype(args.dtype)
-        placement.check_dtype_on(dtype, device)
-    except ValueError as err:
-        print(f"bench_gpu: {err}", file=sys.stderr)
+    if (placed := checked_placement(args.device, args.dtype, "bench_gpu")) is None:
         return 2
+    device, dtype = placed
     config = QuantConfig(method="tacq", bits=args.bits, ratio=args.ratio, mse=False, n_calib=args.n_calib,
                          seq_len=args.seq_len, device=str(device), dtype=args.dtype, grad_dtype=args.grad_dtype,
                          accum_device=args.accum_device, checkpointing=args.checkpointing, parallel=False)

@@ -124,3 +124,17 @@ class ChatSpyTok(FakeTok):
 
     def apply_chat_template(self, *args, **kwargs):
         raise AssertionError("a paper-protocol evaluation went through the chat template")
+
+
+def cli_error_before_loading(argv, capsys, monkeypatch) -> str:
+    """Run the CLI with argv, with loading a model made an error: it must exit 2 with one line; returns it."""
+    from tacq_lite import cli
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("tacq_lite.model.loading.load_model", no_load)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from fakes import cli_error_before_loading
 from test_failure_modes import save_tiny_model
 
 from tacq_lite import cli
@@ -114,25 +115,14 @@ def test_the_embedded_model_loads_by_a_device_map_from_its_cached_copy(embedded_
     (["--device-map", '{"model.layers.0": "cuda:0", "lm_head": "cpu"}'], "'lm_head' on the CPU next to GPUs"),
 ])
 def test_a_bad_device_map_is_one_line_before_loading(argv, phrase, capsys, monkeypatch):
-    def no_load(*_a, **_k):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("tacq_lite.model.loading.load_model", no_load)
-    assert cli.main(["quantize", "--method", "gptq", "--quiet", *argv]) == 2
-    err = capsys.readouterr().err
-    assert phrase in err and err.count("\n") == 1
+    assert phrase in cli_error_before_loading(["quantize", "--method", "gptq", "--quiet", *argv], capsys, monkeypatch)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the messages of a machine without a GPU")
 @pytest.mark.parametrize("device_map", ['{"": "cuda:3"}', '{"model.layers.0": "cuda"}'])
 def test_a_gpu_this_machine_lacks_is_named(device_map, capsys, monkeypatch):
-    def no_load(*_a, **_k):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("tacq_lite.model.loading.load_model", no_load)
-    assert cli.main(["quantize", "--method", "gptq", "--quiet", "--device-map", device_map]) == 2
-    err = capsys.readouterr().err
-    assert "but this machine has no CUDA GPU visible to torch" in err and err.count("\n") == 1
+    argv = ["quantize", "--method", "gptq", "--quiet", "--device-map", device_map]
+    assert "but this machine has no CUDA GPU visible to torch" in cli_error_before_loading(argv, capsys, monkeypatch)
 
 
 def test_a_gpu_index_beyond_the_machine_is_named(monkeypatch):

@@ -51,7 +51,7 @@ def _crop(past, length: int) -> None:
         past.crop(-extra)  # a negative count removes tokens in every transformers version
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """The forward keyword that takes a key/value cache: `cache` in newer transformers 5 releases,
     `past_key_values` before (still accepted there, with a deprecation warning per call)."""
     try:
@@ -77,7 +77,7 @@ class PrefixCache:
 
     def __init__(self, model, prefix_ids: list[int] = ()):
         self.model, self.ids, self.past, self.valid = model, list(prefix_ids), None, 0
-        self.keyword = _cache_keyword(model)
+        self.keyword = cache_keyword(model)
         if self.ids:
             out = self.forward(self.ids, None)
             past = _cache_of(out)
